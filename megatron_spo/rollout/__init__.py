@@ -1,0 +1,1 @@
+"""Rollout side: engine protocol, embedded CPU engine, SGLang/vLLM clients, fleet, agent loop, scheduler, rewards."""

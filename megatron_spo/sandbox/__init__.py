@@ -1,0 +1,1 @@
+"""SandboxFusion-compatible isolated code execution server and its client tool."""
