@@ -1,0 +1,1 @@
+"""Pieces the train loop calls: metrics logging, preemption handling, evaluation metrics, offline values."""
