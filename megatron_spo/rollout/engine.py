@@ -31,6 +31,25 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        # JSON bodies carry lists; keep the dataclass hashable and immutable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    def check(self) -> None:
+        """Raise :class:`RequestError` naming the first invalid field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise RequestError(f"sampling.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise RequestError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"sampling.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int):
+            raise RequestError(f"sampling.top_k must be an int (<= 0 disables it), got {self.top_k!r}")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"sampling.stop[{i}] must be a non-empty string, got {s!r}")
+
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -75,6 +94,11 @@ class EngineError(RuntimeError):
     """A request failed in a way the caller may retry on another engine (unreachable, 5xx, garbage)."""
 
 
+class RequestError(ValueError):
+    """A request no engine can serve (never retried): e.g. a prompt longer than the context window,
+    a token id outside the vocabulary, invalid sampling settings. The message names the item."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the trainer, the fleet and the agent loop need from a rollout engine."""
@@ -85,10 +109,13 @@ class Engine(Protocol):
         """Generate one continuation per prompt (token ids), in order."""
         ...
 
-    async def agenerate(self, prompt: Sequence[int], sampling: SamplingParams) -> GenerateResult:
+    async def agenerate(self, prompt: Sequence[int], sampling: SamplingParams,
+                        request_id: Optional[str] = None) -> GenerateResult:
         """Generate one continuation for one prompt; concurrent calls may be batched by the engine.
 
-        This is what the per-sample asynchronous scheduler and the agent loop call.
+        This is what the per-sample asynchronous scheduler and the agent loop call. ``request_id``
+        (optional) names the request for aborts and for exactly-once delivery in a fleet; engines
+        echo it in ``GenerateResult.meta["request_id"]``.
         """
         ...
 
