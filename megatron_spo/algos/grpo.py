@@ -232,8 +232,10 @@ def degenerate_group_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> tor
     _check_group_ids(group_ids, rewards.shape[0], fn)
     ids, index, count = torch.unique(group_ids, return_inverse=True, return_counts=True)
     r = rewards.detach().to(torch.float64)
-    hi = torch.full((ids.numel(),), float("-inf"), dtype=torch.float64).scatter_reduce(0, index, r, "amax")
-    lo = torch.full((ids.numel(),), float("inf"), dtype=torch.float64).scatter_reduce(0, index, r, "amin")
+    hi = torch.full((ids.numel(),), float("-inf"), dtype=torch.float64, device=r.device)
+    hi = hi.scatter_reduce(0, index, r, "amax")
+    lo = torch.full((ids.numel(),), float("inf"), dtype=torch.float64, device=r.device)
+    lo = lo.scatter_reduce(0, index, r, "amin")
     degenerate = (hi == lo) & (count >= 2)
     return degenerate[index]
 
@@ -245,5 +247,5 @@ def degenerate_group_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) ->
     """
     mask = degenerate_group_mask(rewards, group_ids)
     ids, index = torch.unique(group_ids, return_inverse=True)
-    per_group = torch.zeros(ids.numel(), dtype=torch.bool).scatter_(0, index, mask)
+    per_group = torch.zeros(ids.numel(), dtype=torch.bool, device=mask.device).scatter_(0, index, mask)
     return float(per_group.sum()) / float(ids.numel())

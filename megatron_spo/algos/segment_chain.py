@@ -145,7 +145,7 @@ def chain_cutpoints(
     cuts = low.nonzero().flatten() - 1
     cuts = cuts[::interval]
     if include_prompt_cut and (cuts.numel() == 0 or int(cuts[0]) != -1):
-        cuts = torch.cat([torch.tensor([-1], dtype=torch.long), cuts])
+        cuts = torch.cat([torch.tensor([-1], dtype=torch.long, device=cuts.device), cuts])
     return cuts.to(torch.long)
 
 
@@ -202,8 +202,9 @@ def chain_segment_advantages(
     fn = "chain_segment_advantages"
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"{fn}: T must be an int >= 1, got {T!r}")
-    cuts = _as_long_1d(cut_positions, "cut_positions", fn)
-    values = _as_float_1d(cut_values, "cut_values", fn)
+    # Cut lists are short; work on the CPU whatever device they came from.
+    cuts = _as_long_1d(cut_positions, "cut_positions", fn).cpu()
+    values = _as_float_1d(cut_values, "cut_values", fn).cpu()
     if cuts.numel() != values.numel():
         raise ValueError(
             f"{fn}: cut_values has {values.numel()} entries but cut_positions has {cuts.numel()}; "
@@ -278,8 +279,8 @@ def chain_advantages_batch(
         raise ValueError(
             f"{fn}: old_probs shape {tuple(old_probs.shape)} != response_mask shape {tuple(response_mask.shape)}"
         )
-    lengths = _row_lengths(response_mask)
-    out = torch.zeros(B, T, dtype=torch.float64)
+    lengths = _row_lengths(response_mask.cpu())
+    out = torch.zeros(B, T, dtype=torch.float64)  # filled row by row on the CPU, moved once below
     for i in range(B):
         L = int(lengths[i])
         n_cuts = len(cut_positions[i])
@@ -301,7 +302,7 @@ def chain_advantages_batch(
     keep = response_mask.bool()
     if old_probs is not None:
         keep = probability_mask(old_probs, threshold, response_mask)
-    return (out * keep).to(dtype)
+    return (out.to(keep.device) * keep).to(dtype)
 
 
 def whiten_segment_advantages(
@@ -327,7 +328,8 @@ def whiten_segment_advantages(
         )
     low = probability_mask(old_probs, threshold, response_mask)
     # Decide the fallback on the global count so every rank whitens with the same statistics mask.
-    count = torch.tensor([float(low.sum()), 0.0, 0.0], dtype=torch.float64)
+    count = torch.zeros(3, dtype=torch.float64, device=advantages.device)
+    count[0] = low.sum()
     if reduce_fn is not None:
         count = reduce_fn(count)
     stats_mask = low if float(count[0]) > 0 else response_mask.bool()
