@@ -11,3 +11,6 @@ from megatron_spo.algos.registry import (  # noqa: F401
     register_advantage,
     register_loss,
 )
+
+# Every algorithm module, imported so that its registrations run.
+from megatron_spo.algos import grpo, segment_chain, segment_tree  # noqa: E402,F401
