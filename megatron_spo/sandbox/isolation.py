@@ -5,7 +5,8 @@ Layers (measured on this kind of machine in ``spec/engine_contracts.md`` §4):
 * **bubblewrap** ``--unshare-all`` (user, pid, net, ipc, uts, cgroup namespaces): no network at all (the
   sandbox has only its own loopback), its own pid 1 so every process of the run dies with it, a mount
   namespace that shows only ``/usr`` (and its ``/bin``, ``/lib`` symlinks), ``/etc`` read-only, a fresh
-  ``/dev`` and ``/proc``, and a size-capped private tmpfs on ``/tmp`` holding the work dir ``/tmp/w``.
+  ``/dev`` (read-only but for a size-capped ``/dev/shm``) and ``/proc``, and a size-capped private tmpfs on
+  ``/tmp`` holding the work dir ``/tmp/w``. The new root itself is remounted read-only.
   ``/root``, ``/home``, ``/work`` and the host ``/tmp`` are simply not there. The environment is cleared.
 * **a dedicated non-root uid per worker slot** (``uid_base + slot``), set in the child before ``exec``.
   ``RLIMIT_NPROC`` counts every process of a uid (and is ignored for root), so with one uid per slot a fork
@@ -145,6 +146,13 @@ def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str
     argv += [
         "--dev",
         "/dev",
+        # /dev is a tmpfs too: keep /dev/shm (multiprocessing needs it) but size-capped, the rest read-only.
+        "--size",
+        str(spec.workdir_bytes),
+        "--tmpfs",
+        "/dev/shm",
+        "--remount-ro",
+        "/dev",
         "--proc",
         "/proc",
         "--size",
@@ -165,6 +173,10 @@ def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str
                 argv += ["--dir", f"{SANDBOX_WORKDIR}/{sub}"]
         argv += ["--file", str(fd), f"{SANDBOX_WORKDIR}/{rel}"]
     argv += [
+        # bwrap's new root is a tmpfs owned by the sandbox user; make it read-only so "/" cannot be used
+        # as unbounded scratch space (only the size-capped /tmp is writable).
+        "--remount-ro",
+        "/",
         "--chdir",
         SANDBOX_WORKDIR,
         "--clearenv",

@@ -149,8 +149,8 @@ class Runner:
                 cwd = workdir
                 env = sandbox_env()
             if cfg.cgroup is not None:
-                # cgroup memory covers the whole tree plus its tmpfs pages; RLIMIT_AS covers one process.
-                cg_fds = cfg.cgroup.prepare(slot, (req.memory_limit_mb << 20) + cfg.limits.workdir_bytes)
+                # cgroup memory covers the whole tree plus its two tmpfs (/tmp, /dev/shm); RLIMIT_AS one process.
+                cg_fds = cfg.cgroup.prepare(slot, (req.memory_limit_mb << 20) + 2 * cfg.limits.workdir_bytes)
             preexec = make_preexec(uid, uid, limits, cg_fds)
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
