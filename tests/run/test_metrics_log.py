@@ -46,3 +46,12 @@ def test_sigterm_sets_the_flag_instead_of_killing():
     finally:
         flag.restore()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stop_file_requests_a_stop(tmp_path):
+    flag = PreemptionFlag(signals=(), stop_file=tmp_path / "STOP")
+    assert not flag.should_stop()
+    (tmp_path / "STOP").touch()
+    assert flag.should_stop() and "stop file" in flag.signal_name
+    flag.clear_stop_file()
+    assert not (tmp_path / "STOP").exists()
