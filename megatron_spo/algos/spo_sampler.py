@@ -167,6 +167,9 @@ class UniformSampler(_SeededSampler):
 
     _format = _FORMAT_UNIFORM
 
+    def __init__(self, *, seed: int = 0) -> None:
+        super().__init__(seed)
+
     def sample(self, pool_keys: Sequence[str], batch_size: int) -> torch.Tensor:
         """``[batch_size]`` int64 positions into ``pool_keys``, distinct when ``batch_size ≤ len(pool_keys)``."""
         pool = _check_pool(pool_keys, batch_size, "UniformSampler.sample")
