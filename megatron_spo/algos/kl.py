@@ -5,7 +5,7 @@ With samples y_t ~ π (the policy being trained) and Δ_t = log π_ref(y_t) − 
 - ``k1 = log π − log π_ref = −Δ``: unbiased for KL(π‖π_ref) but can be negative per token (verl "kl").
 - ``k3 = e^Δ − Δ − 1 ≥ 0``: unbiased and low-variance (Schulman's k3, verl "low_var_kl").
 
-Choices (deviations from nothing; stated so the caller knows):
+Choices (none deviates from verl; listed so the caller knows what the clamps do):
 - k3 follows verl's ``low_var_kl`` guards: Δ is clamped to [−20, 20] before ``exp`` (no overflow),
   and the result is clamped to [−10, 10] (in practice ≤ 10, since k3 ≥ 0). Both clamps cut the
   gradient where they bite, which is the intended safety valve against a single runaway token.

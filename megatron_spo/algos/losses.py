@@ -37,11 +37,12 @@ Choices and deviations (spec §1.6, §4):
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from megatron_spo.algos.aggregation import (
+    LossInputs,
     add_mean_metric,
     aggregate,
     check_agg_mode,
@@ -163,9 +164,25 @@ def drift_metrics(
     return metrics
 
 
-def _tis_metrics(metrics: Dict[str, torch.Tensor], w: torch.Tensor, valid: torch.Tensor, cap: float) -> None:
-    add_mean_metric(metrics, "tis/weight_mean", token_metric(w, valid))
-    add_mean_metric(metrics, "tis/capped_frac", token_metric((w >= cap).to(w.dtype), valid))
+def _apply_tis(
+    loss_mat: torch.Tensor, x: LossInputs, tis_cap: Optional[float], tis_level: str, metrics: Dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Multiply the per-token loss by the detached TIS weights (if ``tis_cap`` is set) and log them."""
+    if tis_cap is None:
+        return loss_mat
+    w = _tis_weights_clean(x.old_logp, x.rollout_logp, x.valid, tis_cap, tis_level)
+    add_mean_metric(metrics, "tis/weight_mean", token_metric(w, x.valid))
+    add_mean_metric(metrics, "tis/capped_frac", token_metric((w >= tis_cap).to(w.dtype), x.valid))
+    return loss_mat * w
+
+
+def _clipped_surrogate(
+    adv: torch.Tensor, ratio: torch.Tensor, clip_low: float, clip_high: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``max(−A·r, −A·clip(r, 1−clip_low, 1+clip_high))`` and where the clipped branch is the active one."""
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +227,7 @@ def ppo_clip_loss(
     adv = x.advantages
 
     ratio = torch.exp((x.logp - x.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
-    clip_active = loss_clipped > loss_unclipped
+    loss_mat, clip_active = _clipped_surrogate(adv, ratio, clip_low, clip_high)
     if dual_clip is not None:
         cap = -adv * dual_clip
         negative = adv < 0
@@ -223,10 +237,7 @@ def ppo_clip_loss(
         dual_active = torch.zeros_like(clip_active)
 
     metrics = drift_metrics("ppo", x.logp, x.old_logp, x.valid, x.rollout_logp)
-    if tis_cap is not None:
-        w = _tis_weights_clean(x.old_logp, x.rollout_logp, x.valid, tis_cap, tis_level)
-        loss_mat = loss_mat * w
-        _tis_metrics(metrics, w, x.valid, tis_cap)
+    loss_mat = _apply_tis(loss_mat, x, tis_cap, tis_level, metrics)
 
     loss_sum, normaliser = aggregate(loss_mat, x.valid, agg, max_len)
     add_mean_metric(metrics, "ppo/clip_frac", token_metric(clip_active.to(ratio.dtype), x.valid))
@@ -279,16 +290,10 @@ def gspo_loss(
     log_s = gspo_log_seq_ratio(x.logp, x.old_logp, x.valid).detach()  # [B]
     log_s_tok = (x.logp - x.logp.detach() + log_s.unsqueeze(-1)).clamp(max=GSPO_LOG_RATIO_MAX)
     s_tok = torch.exp(log_s_tok)
-    loss_unclipped = -adv * s_tok
-    loss_clipped = -adv * s_tok.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
-    clip_active = loss_clipped > loss_unclipped
+    loss_mat, clip_active = _clipped_surrogate(adv, s_tok, clip_low, clip_high)
 
     metrics = drift_metrics("gspo", x.logp, x.old_logp, x.valid, x.rollout_logp)
-    if tis_cap is not None:
-        w = _tis_weights_clean(x.old_logp, x.rollout_logp, x.valid, tis_cap, tis_level)
-        loss_mat = loss_mat * w
-        _tis_metrics(metrics, w, x.valid, tis_cap)
+    loss_mat = _apply_tis(loss_mat, x, tis_cap, tis_level, metrics)
 
     loss_sum, normaliser = aggregate(loss_mat, x.valid, agg, max_len)
     rows = x.valid.any(dim=-1)

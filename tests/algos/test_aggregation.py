@@ -163,8 +163,13 @@ def test_check_inputs_detaches_constants_keeps_logp_grad():
 
 
 def test_reduce_and_finalize_metrics():
-    a = {"m": torch.tensor(3.0), "m/count": torch.tensor(2.0), "r_max": torch.tensor(1.5), "none": torch.tensor(0.0), "none/count": torch.tensor(0.0)}
-    b = {"m": torch.tensor(5.0), "m/count": torch.tensor(6.0), "r_max": torch.tensor(4.0), "none": torch.tensor(0.0), "none/count": torch.tensor(0.0)}
+    def part(m, count, r_max):
+        return {
+            "m": torch.tensor(m), "m/count": torch.tensor(count), "r_max": torch.tensor(r_max),
+            "none": torch.tensor(0.0), "none/count": torch.tensor(0.0),
+        }
+
+    a, b = part(3.0, 2.0, 1.5), part(5.0, 6.0, 4.0)
     red = reduce_metrics([a, b])
     assert red["m"].item() == 8.0 and red["m/count"].item() == 8.0
     assert red["r_max"].item() == 4.0

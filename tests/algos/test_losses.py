@@ -299,7 +299,10 @@ def test_gspo_value_is_sequence_ratio():
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 5), t=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-4, 1e-3, 0.1]))
+@given(
+    b=st.integers(1, 5), t=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-4, 1e-3, 0.1]),
+)
 def test_gspo_gradient_matches_autograd_of_explicit_formula(b, t, seed, scale):
     g = torch.Generator().manual_seed(seed)
     logp0, old, adv, mask = _random_batch(g, b, t)
