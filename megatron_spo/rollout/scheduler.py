@@ -244,7 +244,6 @@ class RolloutScheduler:
         members = item if isinstance(item, list) else [item]
         stale = [s for s in members if self._stale(s)]
         if not stale:
-            self._handed_out(item)
             return item
         req = self._requests[members[0].request_uid]
         if isinstance(item, list):
@@ -294,6 +293,8 @@ class RolloutScheduler:
                 self._ready.extendleft(reversed(out))
                 raise SchedulerTimeout(f"got {len(out)} of {k} items in {timeout}s; {self.in_flight} rollouts in "
                                        f"flight, {len(self._groups)} groups incomplete") from None
+        for item in out:
+            self._handed_out(item)
         return out
 
     async def aclose(self) -> None:
