@@ -101,6 +101,17 @@ class ValueTracker:
         rho_max: upper clip of ρ (reached on a first visit, D = 0).
         d_half: the distance that halves the memory: ρ_raw = 2^(−D/d_half).
         rho_constant: ρ for every prompt when ``rho_type="constant"``.
+
+    Per training step (spec §1.9), for the step's keys:
+        1. ``v = tracker.values(keys)`` — the baseline, **before** any update of this step;
+        2. the PPO update (in accumulated mode, then ``tracker.record_step_drift(drift)``);
+        3. ``rho = tracker.rho(keys, logp_now)`` — exact mode: ``logp_now`` are the current (post-update)
+           log-probs of ``tracker.stored_rows(keys)``; accumulated and constant modes need none;
+        4. ``tracker.update(keys, rewards, rho)``;
+        5. exact mode: ``tracker.remember(keys, logp_post_update, response_mask, rows)``.
+
+    Memory in exact mode is one stored row per visited prompt (as the reference keeps); the caller can
+    shrink it by passing trimmed rows (e.g. without padding) to :meth:`remember`.
     """
 
     CONFIG_FIELDS = ("rho_type", "rho_mode", "rho_min", "rho_max", "d_half", "rho_constant")
