@@ -88,6 +88,11 @@ class RolloutConfig:
     sandbox_url: str = "http://127.0.0.1:8080"
     max_concurrency: int = 64
     """Generations in flight at once across the fleet."""
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_top_k: int = 20
+    eval_samples: int = 16
+    """Samples per problem in validation (avg@k, maj@k, pass@k)."""
     max_staleness: int = 0
     """Samples generated with weights more than this many versions old are regenerated."""
     request_timeout_s: float = 600.0
@@ -95,7 +100,9 @@ class RolloutConfig:
     def check(self, key: str) -> None:
         _in_range(f"{key}.temperature", self.temperature, 0.0, None, low_open=True)
         _in_range(f"{key}.top_p", self.top_p, 0.0, 1.0, low_open=True)
-        for name in ("max_response_len", "max_assistant_turns", "max_user_turns",
+        _in_range(f"{key}.eval_temperature", self.eval_temperature, 0.0, None, low_open=True)
+        _in_range(f"{key}.eval_top_p", self.eval_top_p, 0.0, 1.0, low_open=True)
+        for name in ("eval_samples", "max_response_len", "max_assistant_turns", "max_user_turns",
                      "tool_response_max_chars", "max_concurrency"):
             _positive(f"{key}.{name}", getattr(self, name))
         _at_least(f"{key}.max_staleness", self.max_staleness, 0)
@@ -238,6 +245,8 @@ class DataConfig:
     eval_paths: List[str] = field(default_factory=list)
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    reward: str = "spo_strict_boxed"
+    """Reward function: a registered name (spo_strict_boxed, math_verify, ...) or 'package.module:function'."""
     max_prompt_len: int = 2048
     """Prompts longer than this many tokens are an error naming the row (or skipped, see skip_bad_rows)."""
     skip_bad_rows: bool = False
