@@ -108,6 +108,8 @@ class PrioritizedSampler(_SeededSampler):
         if t_idx.numel():
             if self.thompson:
                 a, b = self.tracker.alpha[t_idx], self.tracker.beta[t_idx]
+                # Beta(α, β) = X/(X + Y) with X ~ Γ(α), Y ~ Γ(β). torch._standard_gamma is the sampler that
+                # torch.distributions uses internally; it is the only one that accepts our own generator.
                 x = torch._standard_gamma(a, generator=self.generator)
                 y = torch._standard_gamma(b, generator=self.generator)
                 v = x / (x + y)
