@@ -13,4 +13,4 @@ from megatron_spo.algos.registry import (  # noqa: F401
 )
 
 # Every algorithm module, imported so that its registrations run.
-from megatron_spo.algos import grpo, kl, losses, segment_chain, segment_tree, vespo  # noqa: E402,F401
+from megatron_spo.algos import grpo, kl, losses, segment_chain, segment_tree, spo_advantage, vespo  # noqa: E402,F401
