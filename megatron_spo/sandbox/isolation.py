@@ -76,12 +76,34 @@ class RunLimits:
         ]
 
 
+def _drop_controlling_tty() -> None:
+    """Detach the child from the server's controlling terminal, if any (TIOCNOTTY).
+
+    Without a controlling tty, ``/dev/tty`` cannot be opened and TIOCSTI keystroke injection into the
+    operator's shell (CVE-2017-5226) is impossible. This replaces bwrap's ``--new-session``/``setsid``:
+    a new session also creates a new scheduler autogroup per run, which costs spawn latency on loaded
+    machines. The child stays a plain process-group leader (not a session leader), so TIOCNOTTY only
+    detaches it and sends no SIGHUP to anyone.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return  # no controlling terminal: nothing to drop
+    try:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(fd, termios.TIOCNOTTY)
+    finally:
+        os.close(fd)
+
+
 def make_preexec(
     uid: Optional[int], gid: Optional[int], limits: RunLimits, cgroup_procs_fds: Sequence[int]
 ) -> Callable[[], None]:
     """The function run in the forked child before ``exec``: join cgroups, set rlimits, drop to the slot uid.
 
-    Order matters: cgroup membership is written first (the fds were opened by root in the parent), rlimits
+    The controlling tty is dropped first (see :func:`_drop_controlling_tty`). Order matters: cgroup membership is written first (the fds were opened by root in the parent), rlimits
     are set while still root (lowering a hard limit is always allowed), and the uid drop comes last so the
     exec'd program can never raise them again. ``uid=None`` keeps the current uid (non-root server).
     """
@@ -89,6 +111,7 @@ def make_preexec(
     fds = list(cgroup_procs_fds)
 
     def preexec() -> None:
+        _drop_controlling_tty()
         for fd in fds:
             os.write(fd, b"0")  # "0" = the writing process itself
         for res, value in rlims:
@@ -136,7 +159,6 @@ def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str
         "--unshare-user",  # explicit, so that --disable-userns is accepted
         "--disable-userns",  # no nested user namespaces (a common kernel attack surface)
         "--die-with-parent",
-        "--new-session",  # no TIOCSTI into a terminal the server might have
         "--hostname",
         "sandbox",
         *_root_entries(),

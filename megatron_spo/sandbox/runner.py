@@ -1,7 +1,7 @@
 """Run one validated request in the sandbox and build its SandboxFusion response.
 
 Flow: the code (``main.py``) and request files go into memfds that bwrap copies into the private tmpfs;
-the process starts in its own session under the slot uid with rlimits; stdout and stderr are read
+the process starts in its own process group under the slot uid with rlimits; stdout and stderr are read
 incrementally, keeping at most ``max_output_bytes`` each and draining (discarding) the rest so a flood
 neither blocks the child nor grows server memory; the wall clock is enforced with ``asyncio.wait_for``.
 When the main process ends (or times out) the whole tree is killed: process group, cgroup and every
@@ -161,7 +161,7 @@ class Runner:
                 env=env,
                 cwd=cwd,
                 preexec_fn=preexec,
-                start_new_session=True,
+                process_group=0,  # own group for killpg; not a new session (see _drop_controlling_tty)
                 pass_fds=fds,
             )
         except Exception as exc:  # spawn failure is the sandbox's fault, not the code's

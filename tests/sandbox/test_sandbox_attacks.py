@@ -71,7 +71,8 @@ def test_write_outside_workdir_blocked(server, still_serving, tmp_path):
     os.chmod(target_dir, 0o777)  # world-writable on the host: only the mount namespace can stop the write
     code = (
         "import os\n"
-        f"for p in [{str(target_dir / 'evil')!r}, '/etc/evil', '/usr/evil', '/var/tmp/evil', '/evil', '/dev/evil']:\n"
+        f"for p in [{str(target_dir / 'evil')!r}, '/etc/evil', '/usr/evil', '/var/tmp/evil', '/evil', '/dev/evil',"
+        " '/dev/tty']:\n"
         "    try:\n"
         "        open(p, 'w').write('x')\n"
         "        print('WROTE', p)\n"
@@ -82,7 +83,7 @@ def test_write_outside_workdir_blocked(server, still_serving, tmp_path):
     resp = _run(server, code)
     out = resp["run_result"]["stdout"]
     assert resp["status"] == "Success", resp
-    assert "WROTE" not in out and out.count("blocked") == 6
+    assert "WROTE" not in out and out.count("blocked") == 7  # /dev/tty: no controlling terminal
     assert "inside ok" in out
     assert not (target_dir / "evil").exists()
     assert not os.path.exists("/etc/evil") and not os.path.exists("/evil")

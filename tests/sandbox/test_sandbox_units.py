@@ -118,7 +118,7 @@ def test_truncate_middle_by_hand():
 def test_bwrap_argv_shape():
     argv = bwrap_argv(BwrapSpec(bwrap="/usr/bin/bwrap", workdir_bytes=1 << 20), [(7, "main.py"), (8, "a/b/c.txt")])
     joined = " ".join(argv)
-    for flag in ["--unshare-all", "--disable-userns", "--die-with-parent", "--clearenv", "--new-session",
+    for flag in ["--unshare-all", "--disable-userns", "--die-with-parent", "--clearenv",
                  "--remount-ro / ", "--size 1048576 --tmpfs /tmp", "--file 7 /tmp/w/main.py",
                  "--dir /tmp/w/a --dir /tmp/w/a/b --file 8 /tmp/w/a/b/c.txt", "--chdir /tmp/w"]:
         assert flag in joined, flag
@@ -168,3 +168,27 @@ def test_unsafe_mode_warns_on_start(tmp_path):
     out = proc.stdout + proc.stderr
     assert "WARNING: --unsafe-no-isolation" in out
     assert "address already in use" in out  # it got as far as binding
+
+
+def test_no_controlling_tty_even_when_server_has_one(tmp_path):
+    """Run the runner under `script` (a real pty as controlling tty): the sandbox still cannot open /dev/tty."""
+    import shutil
+
+    if shutil.which("script") is None or shutil.which("bwrap") is None or os.geteuid() != 0:
+        pytest.skip("needs util-linux `script`, bubblewrap and root")
+    prog = tmp_path / "tty_probe.py"
+    prog.write_text(
+        "import asyncio, os\n"
+        "from megatron_spo.sandbox import api\n"
+        "from megatron_spo.sandbox.isolation import BwrapSpec, find_bwrap\n"
+        "from megatron_spo.sandbox.runner import Runner, RunnerConfig\n"
+        "os.close(os.open('/dev/tty', os.O_RDWR))  # proves this process has a controlling tty\n"
+        "r = Runner(RunnerConfig(bwrap=BwrapSpec(bwrap=find_bwrap()), uid_base=61310))\n"
+        "code = \"try:\\n    open('/dev/tty', 'w').write('INJECT')\\n    print('TTY-OPENED')\\n\"\n"
+        "code += \"except OSError as e:\\n    print('tty-blocked', e.errno)\\n\"\n"
+        "resp = asyncio.run(r.run(api.parse_request({'code': code}, api.Limits()), 0))\n"
+        "print('RESULT', resp['run_result']['stdout'].strip())\n"
+    )
+    proc = subprocess.run(["script", "-qec", f"{sys.executable} {prog}", "/dev/null"],
+                          capture_output=True, text=True, timeout=60)
+    assert "RESULT tty-blocked 6" in proc.stdout, proc.stdout + proc.stderr  # ENXIO: no controlling tty
