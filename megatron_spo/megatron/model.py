@@ -155,6 +155,9 @@ def hf_to_transformer_config(
         # supports variable sequence lengths (and EP on CPU, see cpu.py).
         moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=not torch.cuda.is_available(),
+        # The actor divides each micro-batch loss by the global normaliser itself; this makes megatron
+        # sum (not average) grads over DP and micro-batches (see optimizer.py).
+        calculate_per_token_loss=True,
     )
     if family == "qwen3_moe":
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")
