@@ -133,6 +133,12 @@ async def generate_turn(engine: Engine, ids: List[int], sampling: SamplingParams
     engine's version when the call was sent and the version it reports, so tokens sampled across an
     update are tagged with the older weights (what the staleness bound must see).
 
+    Resume keeps the partial tokens with the log-probs of the weights that sampled them (the
+    trainer's importance ratio then sees the true behaviour policy) and asks for the rest with
+    ``prompt + partial`` as the new prompt. A stop string split across the abort point would not be
+    seen by the engine (it only matches new text); single-token stops such as ``</code>`` here and
+    eos are unaffected.
+
     Raises:
         EngineError: the engine failed, timed out (``cfg.engine_timeout_s``) or aborted more than
             ``cfg.max_aborts`` times.

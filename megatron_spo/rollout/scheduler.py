@@ -208,7 +208,12 @@ class RolloutScheduler:
             self.metrics["regenerations"] += 1
         sample.count("regenerations", self._regens.pop(uid, 0))
         if sample.ok and self.reward_fn is not None:
-            self.reward_fn(sample)
+            try:
+                self.reward_fn(sample)
+            except Exception as e:  # a bare reward function (not a RewardManager) raised: 0, counted, run goes on
+                sample.reward = 0.0
+                sample.count("reward_errors")
+                sample.errors.append(f"reward: {type(e).__name__}: {e}")
         self._deliver(sample)
 
     def _deliver(self, sample: Sample) -> None:

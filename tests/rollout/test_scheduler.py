@@ -358,3 +358,21 @@ def test_spo_agent_loop_through_scheduler_with_strict_reward():
         assert s.reward == 1.0 and s.finish_reason == "stop"
         assert "<interpreter>\n42\n\n</interpreter>" in s.response_text
         assert s.weight_versions == [4, 4] and s.key == "6 times 7?" and s.num_turns == 4
+
+
+def test_bare_reward_fn_that_raises_never_kills_the_run():
+    def reward(sample):
+        raise RuntimeError("grader crashed")
+
+    async def main():
+        eng = GatedEngine()
+        sch = RolloutScheduler(eng, single_turn, reward_fn=reward)
+        for k in range(2):
+            sch.submit(req(k))
+            eng.gate(k).set()
+        return await sch.get_batch(2, timeout=5), sch
+
+    out, sch = run(main())
+    assert [s.reward for s in out] == [0.0, 0.0]
+    assert sch.metrics["sample/reward_errors"] == 2
+    assert "reward: RuntimeError: grader crashed" in out[0].errors
