@@ -121,3 +121,48 @@ def test_turn_limit_and_budget(tok):
                                 AgentLoopConfig(max_response_len=12))
     s2 = run(loop2.run(ScriptedEngine(tok, [T1]), RolloutRequest(uid="h", messages=MESSAGES)))
     assert s2.finish_reason == "length" and len(s2.response_ids) == 12
+
+
+# Qwen-style tool rendering (written for this test): consecutive tool messages share one user turn,
+# each wrapped in <tool_response>.
+QWEN_LIKE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_qwen_style_parallel_tool_responses_match_template():
+    tok = make_tiny_tokenizer()
+    tok.chat_template = QWEN_LIKE
+    tool = EchoTool()
+    loop = HermesToolAgentLoop(tok, {"code_interpreter": code_interpreter(tool)}, max_parallel_calls=2)
+    two = "<think>two checks</think>" + call("3 + 4") + call("7") + EOS
+    s = run(loop.run(ScriptedEngine(tok, [two, T3]), RolloutRequest(uid="q", messages=MESSAGES)))
+    assert (s.assistant_turns, s.user_turns, s.metrics["tool_calls"]) == (2, 1, 2)
+    conv = MESSAGES + [{"role": "assistant", "content": two[: -len(EOS)]},
+                       {"role": "tool", "content": "7\n"}, {"role": "tool", "content": "7\n"},
+                       {"role": "assistant", "content": T3[: -len(EOS)]}]
+    rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+    assert tok.encode(rendered, add_special_tokens=False) == s.prompt_ids + s.response_ids + tok.encode("\n")
+    tool_part = ("\n<|im_start|>user\n<tool_response>\n7\n\n</tool_response>\n<tool_response>\n7\n\n</tool_response>"
+                 "<|im_end|>\n<|im_start|>assistant\n")
+    t2 = tok.encode(two, add_special_tokens=False)
+    n_tool = len(tok.encode(tool_part, add_special_tokens=False))
+    assert s.loss_mask == [1] * len(t2) + [0] * n_tool + [1] * len(tok.encode(T3, add_special_tokens=False))
+
+
+def test_template_that_rewrites_history_fails_the_sample_clearly():
+    tok = make_tiny_tokenizer()
+    # a template that trims assistant content (as some reasoning templates rewrite earlier turns)
+    tok.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    turn = "  " + call("1 + 1") + EOS          # leading spaces the template would drop
+    loop = HermesToolAgentLoop(tok, {"code_interpreter": code_interpreter(EchoTool())})
+    s = run(loop.run(ScriptedEngine(tok, [turn, T3]), RolloutRequest(uid="t", messages=MESSAGES)))
+    assert s.finish_reason == "error" and s.reward == 0.0
+    assert "t/0: the chat template re-renders the conversation differently" in s.errors[-1]
