@@ -225,3 +225,18 @@ def test_disk_fill_capped_by_private_tmpfs(server, still_serving):
     out = resp["run_result"]["stdout"].split()
     assert out[:3] == ["stopped", "at", "MiB"], resp
     assert int(out[3]) <= 64 and int(out[4]) == 28  # ENOSPC at the 64 MiB work-dir tmpfs
+
+
+def test_memory_spread_over_processes_capped_by_cgroup(server, still_serving):
+    """RLIMIT_AS bounds one process; only the slot's memory cgroup bounds a tree (3 x 400 MiB > 512 MiB + tmpfs allowance)."""
+    if "memory" not in server.health()["cgroup"]:
+        pytest.skip("cgroup v1 memory controller not available on this host; the server logs this at start")
+    code = (
+        "import os, time\npids = []\nfor i in range(3):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        x = bytearray(400 * 1024**2)\n        for j in range(0, len(x), 4096):\n            x[j] = 1\n"
+        "        time.sleep(2)\n        os._exit(0)\n    pids.append(pid)\n"
+        "print([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids])\n"
+    )
+    resp = _run(server, code, timeout=30, memory_limit_MB=512)
+    codes = eval(resp["run_result"]["stdout"])
+    assert len(codes) == 3 and codes.count(-9) >= 1, resp  # OOM-killed by the cgroup, not all 1.2 GiB resident
