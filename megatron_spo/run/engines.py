@@ -158,3 +158,24 @@ def _model_dir(cfg: Config) -> Path:
     if not path.is_dir():
         raise ConfigError(f"model.path {str(path)!r} is not a directory")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout settings the eval / estimate-values commands share.
+
+#: Validation sampling of the SPO recipe (spec algorithms.md §1.3, §1.10): T=0.6, top_p=0.95, top_k=20.
+VALIDATION_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def add_sampling_arguments(parser, default_reward: str = "spo_strict_boxed") -> None:
+    """``--temperature/--top-p/--top-k`` (validation defaults), ``--max-response-len``, ``--reward``."""
+    parser.add_argument("--temperature", type=float, default=VALIDATION_SAMPLING["temperature"],
+                        help="sampling temperature (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=VALIDATION_SAMPLING["top_p"], help="default %(default)s")
+    parser.add_argument("--top-k", type=int, default=VALIDATION_SAMPLING["top_k"],
+                        help="default %(default)s; <= 0 disables it")
+    parser.add_argument("--max-response-len", type=int, default=None,
+                        help="token budget of a response (default rollout.max_response_len)")
+    parser.add_argument("--reward", default=default_reward,
+                        help="reward function: a registered name (spo_strict_boxed, math_verify) or "
+                             "'package.module:function' (default %(default)s)")
