@@ -1,0 +1,216 @@
+"""``megatron-spo eval``: avg@k, maj@k and unbiased pass@k on local benchmark files.
+
+For each benchmark file (parquet / jsonl / json / csv, or an HF ``save_to_disk`` directory; ``--data``
+repeated, or ``data.eval_paths``), every problem gets ``k`` samples through the same rollout phase
+the trainer uses (``rollout.agent`` picks single-turn, SPO ``<code>`` or Hermes tool calls), with the
+validation sampling of the SPO recipe by default (T=0.6, top_p=0.95, top_k=20). Each sample is
+scored by the reward function (``--reward``); a sample counts as correct when its reward is > 0.
+The answer used for majority voting is the content of the last ``\\boxed{}`` of the response.
+
+Written into the output directory (default ``{io.run_dir}/eval``):
+- ``eval.txt``: the table printed to stdout (one row per benchmark);
+- ``eval.json``: the metrics per benchmark, the settings, and the rollout counters;
+- ``eval_samples.jsonl``: one line per sample (row, prompt key, reward, answer, response text).
+
+A failed sample (engine error after retries) counts as wrong and is reported in ``errors``; if every
+sample of a benchmark failed, the command stops with an error instead of reporting zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from megatron_spo.config import Config, ConfigError, load_config
+from megatron_spo.config_cli import add_config_arguments
+from megatron_spo.data import DataError, PromptDataset, load_prompts
+from megatron_spo.rollout.engine import Engine, EngineError
+from megatron_spo.rollout.rewards import last_boxed
+from megatron_spo.run.engines import add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer
+from megatron_spo.run.eval_metrics import format_table, summarize
+from megatron_spo.run.rollout_phase import RolloutPhase, with_sampling
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot produce meaningful numbers (e.g. every sample failed)."""
+
+
+def extract_answer(response: str) -> Optional[str]:
+    """The stripped content of the last ``\\boxed{}`` in ``response`` (None if there is none)."""
+    answer = last_boxed(response)
+    return answer.strip() if answer is not None and answer.strip() else None
+
+
+def default_ks(k: int) -> List[int]:
+    """pass@k values reported by default: powers of two below ``k``, and ``k``."""
+    ks, p = [], 1
+    while p < k:
+        ks.append(p)
+        p *= 2
+    return ks + [k]
+
+
+def benchmark_names(paths: Sequence[str]) -> List[str]:
+    """File stems, made unique with a suffix when two files share one."""
+    names: List[str] = []
+    for p in paths:
+        stem = Path(p).stem or Path(p).name
+        name, i = stem, 2
+        while name in names:
+            name, i = f"{stem}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def evaluate_benchmark(name: str, data: PromptDataset, phase: RolloutPhase, k: int, ks: Sequence[int], *,
+                       progress: bool = True) -> Dict[str, Any]:
+    """Roll out ``k`` samples per problem of ``data`` and compute the metrics.
+
+    Returns:
+        ``{"metrics": summarize(...) + errors/samples/skipped_rows, "rollout": phase metrics,
+        "samples": per-sample records}``.
+
+    Raises:
+        EvalError: every sample failed.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(data) * k, desc=f"eval {name}", unit="sample", disable=not progress, file=sys.stderr)
+    try:
+        batch = phase.run(data.records, k, mode="group", source=data.path, on_sample=lambda s: bar.update(1))
+    finally:
+        bar.close()
+    if not batch.samples:
+        raise EvalError(f"benchmark {name!r} ({data.path}): no problem left to evaluate (skipped rows: "
+                        f"{len(batch.skipped)})")
+    errors = [s for s in batch.samples if not s.ok]
+    if len(errors) == len(batch.samples):
+        raise EvalError(f"benchmark {name!r}: all {len(errors)} samples failed; first error: {errors[0].errors[-1]}")
+    correct: List[List[float]] = []
+    answers: List[List[Optional[str]]] = []
+    records: List[Dict[str, Any]] = []
+    for group in batch.groups():
+        correct.append([1.0 if s.ok and (s.reward or 0.0) > 0 else 0.0 for s in group])
+        answers.append([extract_answer(s.response_text) if s.ok else None for s in group])
+        for s, c, a in zip(group, correct[-1], answers[-1]):
+            records.append({"benchmark": name, "row": s.meta["row"], "key": s.key, "sample": s.group_index,
+                            "ground_truth": s.ground_truth, "reward": s.reward, "correct": c, "answer": a,
+                            "finish_reason": s.finish_reason, "response_tokens": len(s.response_ids),
+                            "errors": s.errors, "response": s.response_text})
+    metrics = summarize(correct, answers, [x for x in ks if x <= k])
+    metrics["samples"] = float(len(batch.samples))
+    metrics["errors"] = float(len(errors))
+    metrics["skipped_rows"] = float(len(data.skipped) + len(batch.skipped))
+    if errors:
+        log.warning("eval %s: %d of %d samples failed (counted as wrong); first: %s", name, len(errors),
+                    len(batch.samples), errors[0].errors[-1])
+    return {"metrics": metrics, "rollout": batch.metrics, "samples": records}
+
+
+def run_eval(cfg: Config, paths: Sequence[str], *, k: int, ks: Optional[Sequence[int]] = None,
+             reward: Any = "spo_strict_boxed", out_dir: Optional[str] = None, limit: Optional[int] = None,
+             engine: Optional[Engine] = None, tool=None, progress: bool = True) -> Dict[str, Any]:
+    """Evaluate the benchmark files ``paths`` and write ``eval.txt``, ``eval.json``, ``eval_samples.jsonl``.
+
+    ``cfg.rollout`` holds the sampling already (see :func:`with_sampling`). ``engine`` overrides the
+    one ``cfg`` describes (it is then not closed here); ``tool`` is the code tool of tool-using agents.
+
+    Returns:
+        the ``eval.json`` content.
+    """
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    ks = sorted(set(ks or default_ks(k)))
+    if any(x < 1 or x > k for x in ks):
+        raise ValueError(f"pass@k values {ks} must lie in [1, k={k}]")
+    if not paths:
+        raise ConfigError("no benchmark files: pass --data FILE (repeatable) or set data.eval_paths")
+    datasets = {}
+    for name, path in zip(benchmark_names(paths), paths):
+        data = load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key, skip_bad_rows=cfg.data.skip_bad_rows)
+        if limit is not None:
+            data.records = data.records[:limit]
+        datasets[name] = data
+    out = Path(out_dir or Path(cfg.io.run_dir) / "eval")
+    own_engine = engine is None
+    engine = build_engine(cfg) if own_engine else engine
+    results: Dict[str, Dict[str, float]] = {}
+    rollout_metrics: Dict[str, Dict[str, float]] = {}
+    lines: List[Dict[str, Any]] = []
+    try:
+        tokenizer = load_tokenizer(cfg, engine)
+        with RolloutPhase(engine, tokenizer, cfg.rollout, reward=reward, max_prompt_len=cfg.data.max_prompt_len,
+                          skip_bad_rows=cfg.data.skip_bad_rows, context_len=context_len(engine), tool=tool) as phase:
+            for name, data in datasets.items():
+                res = evaluate_benchmark(name, data, phase, k, ks, progress=progress)
+                results[name], rollout_metrics[name] = res["metrics"], res["rollout"]
+                lines += res["samples"]
+    finally:
+        if own_engine:
+            close_engine(engine)
+    table = format_table({n: {m: v for m, v in r.items() if "@" in m} for n, r in results.items()})
+    report = {
+        "benchmarks": results,
+        "settings": {"k": k, "pass_ks": ks, "reward": reward if isinstance(reward, str) else repr(reward),
+                     "agent": cfg.rollout.agent, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
+                     "top_k": cfg.rollout.top_k, "max_response_len": cfg.rollout.max_response_len,
+                     "model": cfg.model.path, "engine": cfg.rollout.engine, "urls": list(cfg.rollout.urls),
+                     "data": {n: d.path for n, d in datasets.items()}},
+        "rollout": rollout_metrics,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.txt").write_text(table + "\n")
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out / "eval_samples.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return report
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.rollout = with_sampling(cfg.rollout, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    max_response_len=args.max_response_len)
+        report = run_eval(cfg, args.data or cfg.data.eval_paths, k=args.k, ks=args.pass_k, reward=args.reward,
+                          out_dir=args.out, limit=args.limit, progress=not args.no_progress)
+    except (ConfigError, DataError, EngineError, EvalError, ValueError, KeyError, ImportError) as err:
+        print(f"eval: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(cfg.io.run_dir) / "eval")
+    print((out / "eval.txt").read_text(), end="")
+    errors = sum(int(m["errors"]) for m in report["benchmarks"].values())
+    if errors:
+        print(f"# {errors} sample(s) failed and count as wrong; see eval_samples.jsonl")
+    print(f"# wrote {out / 'eval.txt'}, {out / 'eval.json'}, {out / 'eval_samples.jsonl'}")
+    return 0
+
+
+def _ks(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pass-k takes comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="avg@k / maj@k / pass@k on local benchmark files",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--data", action="append", default=[], metavar="FILE",
+                        help="benchmark file (parquet/jsonl/json/csv or save_to_disk dir), repeatable; "
+                             "default data.eval_paths")
+    parser.add_argument("--k", type=int, default=16, help="samples per problem (default %(default)s)")
+    parser.add_argument("--pass-k", type=_ks, default=None, metavar="K1,K2,...",
+                        help="pass@k values (default: powers of two below k, and k)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", default=None, help="output directory (default {io.run_dir}/eval)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_main)
