@@ -101,6 +101,12 @@ class HermesToolAgentLoop:
             kwargs["tools"] = self.tool_schemas
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
+    def prompt_ids(self, request: RolloutRequest) -> List[int]:
+        """The prompt ids ``run`` sends for ``request``: its messages (and tool schemas) through the template."""
+        if request.messages is None:
+            raise ValueError(f"request {request.uid}: the Hermes loop needs messages (it re-renders the conversation)")
+        return self.tokenizer.encode(self._render([dict(m) for m in request.messages]), add_special_tokens=False)
+
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         eos = self.tokenizer.eos_token_id
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
@@ -120,10 +126,8 @@ class HermesToolAgentLoop:
         cfg = self.cfg
         sample = Sample(uid=f"{request.uid}/{group_index}", request_uid=request.uid, group_index=group_index,
                         key=request.key, ground_truth=request.ground_truth, meta=dict(request.meta))
-        if request.messages is None:
-            raise ValueError(f"request {request.uid}: the Hermes loop needs messages (it re-renders the conversation)")
+        sample.prompt_ids = self.prompt_ids(request)
         conv = [dict(m) for m in request.messages]
-        sample.prompt_ids = self.tokenizer.encode(self._render(conv), add_special_tokens=False)
         if not check_prompt(sample, cfg):
             return sample
         while True:

@@ -166,3 +166,14 @@ def test_template_that_rewrites_history_fails_the_sample_clearly():
     s = run(loop.run(ScriptedEngine(tok, [turn, T3]), RolloutRequest(uid="t", messages=MESSAGES)))
     assert s.finish_reason == "error" and s.reward == 0.0
     assert "t/0: the chat template re-renders the conversation differently" in s.errors[-1]
+
+
+def test_prompt_ids_public_and_used_by_run(tok):
+    loop = HermesToolAgentLoop(tok, {"code_interpreter": code_interpreter(EchoTool())})
+    req = RolloutRequest(uid="h", messages=MESSAGES)
+    expect = tok.encode("<|im_start|>system\nYou can run code.<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n"
+                        "<|im_start|>assistant\n", add_special_tokens=False)
+    assert loop.prompt_ids(req) == expect
+    engine = ScriptedEngine(tok, [T3])
+    s = run(loop.run(engine, req))
+    assert s.prompt_ids == expect and engine.calls[0][0] == expect
