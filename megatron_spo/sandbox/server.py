@@ -170,6 +170,10 @@ class SandboxServer:
         self.running += 1
         try:
             resp = await self.runner.run(req, slot)
+        except Exception as exc:  # a bug or a host failure: answer in SandboxFusion shape, keep serving
+            log.exception("run on slot %d failed", slot)
+            return web.json_response(api.error_response(f"sandbox internal error: {type(exc).__name__}: {exc}"),
+                                     status=500)
         finally:
             self.running -= 1
             self.slots.put_nowait(slot)
