@@ -376,3 +376,26 @@ def test_bare_reward_fn_that_raises_never_kills_the_run():
     assert [s.reward for s in out] == [0.0, 0.0]
     assert sch.metrics["sample/reward_errors"] == 2
     assert "reward: RuntimeError: grader crashed" in out[0].errors
+
+
+def test_group_member_stale_at_hand_out_is_regenerated_alone():
+    async def main():
+        eng = GatedEngine()
+        sch = RolloutScheduler(eng, lambda e, r, i: single_turn(e, RolloutRequest(
+            uid=r.uid, prompt_ids=[10 + i]), i), SchedulerConfig(mode="group", max_staleness=1, max_concurrency=1))
+        sch.submit(req(1, n=2))
+        await settle()                       # member 0 generating at v0; one slot, member 1 waits
+        eng.update_weights(1, abort=False)
+        eng.gate(10).set()
+        await settle()                       # member 0 done (tagged v0, fresh at v1); member 1 starts at v1
+        eng.gate(11).set()
+        await settle()
+        assert sch.ready == 1
+        eng.update_weights(2, abort=False)   # bound 1: v0 is stale, v1 is not
+        g = await sch.get(timeout=5)
+        return g, sch, eng
+
+    g, sch, eng = run(main())
+    assert [s.group_index for s in g] == [0, 1]
+    assert [s.weight_versions for s in g] == [[2], [1]]
+    assert sch.metrics["stale_dropped"] == 1 and eng.calls == [[10], [11], [10]]
