@@ -230,6 +230,24 @@ def chunked_logprobs_from_logits(
     return _LogitsLogprobs.apply(logits, targets, float(temperature), chunk, start, group, world)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming grad contiguous.
+
+    GPTModel returns ``output.transpose(0, 1).contiguous()``, so the grad reaching the output layer
+    is a transposed view. megatron's ``_reduce`` all-reduces ``grad.contiguous()`` — a temporary when
+    the grad is not contiguous — and returns the un-reduced original, silently dropping the TP
+    all-reduce. The ColumnParallelLinear path never sees such a grad; our pass-through does.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 @contextlib.contextmanager
 def hidden_states_output(model: torch.nn.Module) -> Iterator[None]:
     """Make a post-process ``GPTModel`` return its final-norm hidden states [B, S, H] instead of logits.
@@ -246,13 +264,13 @@ def hidden_states_output(model: torch.nn.Module) -> Iterator[None]:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         def passthrough(input_, weight=None, runtime_gather_output=None):
-            return gather_from_sequence_parallel_region(input_), None
+            return _ContiguousGrad.apply(gather_from_sequence_parallel_region(input_)), None
     else:
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         def passthrough(input_, weight=None, runtime_gather_output=None):
             # identity forward, all-reduce of the (vocab-shard partial) input grad in backward
-            return copy_to_tensor_model_parallel_region(input_), None
+            return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(input_)), None
 
     layer.forward = passthrough
     try:

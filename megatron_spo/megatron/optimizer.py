@@ -41,6 +41,7 @@ class OptimSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     distributed_optimizer: bool = False
+    optimizer: str = "adam"  # or "sgd" (plain SGD: makes the effect of clipping visible in tests)
 
     @classmethod
     def from_config(cls, optim: Any, total_steps: int, distributed_optimizer: bool = False) -> "OptimSettings":
@@ -69,18 +70,20 @@ def wrap_ddp(chunks: List[torch.nn.Module], distributed_optimizer: bool = False)
 
 
 def build_optimizer(chunks: List[torch.nn.Module], settings: OptimSettings) -> Tuple[Any, Any]:
-    """``(optimizer, scheduler)`` for DDP-wrapped chunks: Adam(W) via ``get_megatron_optimizer``."""
+    """``(optimizer, scheduler)`` for DDP-wrapped chunks: Adam(W) (or SGD) via ``get_megatron_optimizer``."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     styles = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
+    if settings.optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={settings.optimizer!r}; choose 'adam' or 'sgd'")
     if settings.lr_schedule not in styles:
         raise ValueError(f"lr_schedule={settings.lr_schedule!r}; choose from {sorted(styles)}")
     if settings.warmup_steps < 0 or settings.total_steps < 1:
         raise ValueError(f"warmup_steps={settings.warmup_steps} must be >= 0 and total_steps={settings.total_steps} >= 1")
     params_dtype = chunks[0].config.params_dtype
     config = OptimizerConfig(
-        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
+        optimizer=settings.optimizer, lr=settings.lr, sgd_momentum=0.0, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
         use_distributed_optimizer=settings.distributed_optimizer,
