@@ -183,3 +183,42 @@ def test_overlong_prompt_is_an_error_naming_the_row_or_a_counted_skip(engine, ca
     # the engine's context counts too: a prompt that leaves no room to generate
     with pytest.raises(DataError, match="row 7 .* leaving no room in the engine's context of 40"):
         rollout(recs, 1, engine=engine, tokenizer=tok, cfg=cfg, reward=first_token_even, context_len=40)
+
+
+class ScriptedHermesEngine:
+    """Turn 1: a ``<tool_call>`` for code_interpreter; after the tool turn: a boxed answer. Both end with eos."""
+
+    name = "scripted_hermes"
+    weight_version = 0
+
+    def __init__(self, tok):
+        self.tok, self.prompts = tok, []
+
+    async def agenerate(self, prompt, sampling: SamplingParams, request_id=None) -> GenerateResult:
+        self.prompts.append(list(prompt))
+        text = self.tok.decode(prompt, skip_special_tokens=False)
+        if "<|im_start|>tool" not in text:
+            out = '<tool_call>{"name": "code_interpreter", "arguments": {"code": "1 + 1"}}</tool_call><|im_end|>'
+        else:
+            out = "The answer is \\boxed{2}<|im_end|>"
+        ids = self.tok.encode(out, add_special_tokens=False)
+        await asyncio.sleep(0)
+        return GenerateResult(ids, [-0.25] * len(ids), "stop", 0, len(prompt))
+
+
+def test_hermes_agent_selected_by_config(engine):
+    tok = engine.tokenizer
+    tool = FakeTool()
+    eng = ScriptedHermesEngine(tok)
+    recs = [PromptRecord(0, [{"role": "user", "content": "What is 1 + 1?"}], "2", "What is 1 + 1?")]
+    batch = rollout(recs, 2, engine=eng, tokenizer=tok, cfg=RolloutConfig(agent="hermes", max_response_len=200),
+                    reward="math_verify", tool=tool)
+    assert tool.codes == ["print(1 + 1)"] * 2 and len(eng.prompts) == 4
+    for s in batch.samples:
+        assert s.ok and s.assistant_turns == 2 and s.user_turns == 1 and s.reward == 1.0
+        assert s.prompt_ids == template_ids(tok, "What is 1 + 1?")  # the tiny template ignores the tool schema
+        assert "<|im_start|>tool\n2\n<|im_end|>" in s.response_text
+    assert batch.metrics["rollout/tool_calls"] == 2 and batch.metrics["rollout/reward_mean"] == 1.0
+    with pytest.raises(DataError, match="row 0 .* longer than data.max_prompt_len=5"):
+        rollout(recs, 1, engine=eng, tokenizer=tok, cfg=RolloutConfig(agent="hermes"), reward="math_verify",
+                tool=tool, max_prompt_len=5)
