@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 # Modules that provide sub-commands, in the order `--help` lists them.
-SUBCOMMAND_MODULES: List[str] = ["megatron_spo.config_cli", "megatron_spo.run.preflight"]
+SUBCOMMAND_MODULES: List[str] = ["megatron_spo.demo", "megatron_spo.config_cli", "megatron_spo.run.preflight"]
 
 
 def build_parser() -> argparse.ArgumentParser:

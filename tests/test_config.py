@@ -23,13 +23,14 @@ def test_defaults_follow_the_spo_reference():
 def test_yaml_then_overrides_win(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"algo": {"spo": {"rho_min": 0.8}}, "train": {"steps": 7}}))
-    cfg = load_config(path, ["algo.spo.rho_min=0.9", "rollout.urls=[http://a:1, http://b:2]",
+    cfg = load_config(path, ["optim.min_lr=1e-7", "algo.spo.rho_min=0.9", "rollout.urls=[http://a:1, http://b:2]",
                              "rollout.engine=sglang", "algo.loss.dual_clip=null", "optim.lr=3"])
     assert cfg.algo.spo.rho_min == 0.9
     assert cfg.train.steps == 7
     assert cfg.rollout.urls == ["http://a:1", "http://b:2"]
     assert cfg.algo.loss.dual_clip is None
     assert cfg.optim.lr == 3.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.min_lr == 1e-7  # YAML 1.1 reads 1e-7 as text; numeric text is accepted
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,7 @@ def test_yaml_then_overrides_win(tmp_path):
         ("io.tensorboard=1", "io.tensorboard must be true or false, got 1"),
         ("rollout.urls=http://x", "rollout.urls must be a list"),
         ("optim.lr=.nan", "optim.lr must be finite"),
+        ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
         ("train=3", "train must be a mapping of keys"),
         ("rollout.engine=vllm", "rollout.engine=vllm needs rollout.urls or rollout.ray_servers > 0"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel needs parallel.tensor > 1"),

@@ -14,7 +14,7 @@ Number = Union[int, float]
 
 # What the progress bar shows, in order, when present.
 BAR_KEYS = ("reward/mean", "loss", "tokens_per_s")
-PLOT_KEYS = ("reward/mean", "loss", "grad_norm", "spo/mean_value", "spo/mean_rho", "mismatch/token_kl")
+PLOT_KEYS = ("reward/mean", "loss", "grad_norm", "spo/value_mean", "spo/rho_mean", "mismatch/token_kl")
 
 
 class MetricsLogger:

@@ -1,0 +1,348 @@
+"""The training loop. Launch: ``torchrun --nproc-per-node G -m megatron_spo.train --config FILE``.
+
+One step, in the order of spec §1.9 (DESIGN.md "The loop"); each line is one call below:
+
+ 1. sample prompts: a candidate pool from the shuffled dataset, then SPO's prioritized draw (or uniform)
+ 2. rollout on the engine fleet through the agent loop (rank 0), broadcast to every rank
+ 3. rewards (set by the rollout phase as samples finish)
+ 4. advantages from the tracker read BEFORE this step's update (SPO) or from the groups (GRPO)
+ 5. old log-probs recomputed by the actor
+ 6. policy update over ``train.updates_per_step`` mini-batches
+ 7. ρ with the updated policy (exact: re-score the stored rows; accumulated: the drift ledger)
+ 8. tracker update α ← ρα + r, β ← ρβ + (1 − r)
+ 9. weight sync to the engines (streaming export), log, eval, checkpoint; stop cleanly on preemption
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_spo.config import Config, ConfigError, load_config
+from megatron_spo.run import spo_state, train_batch
+from megatron_spo.run.metrics_log import MetricsLogger, plot_metrics
+from megatron_spo.run.preemption import PreemptionFlag
+from megatron_spo.run.prompt_stream import PromptStream
+
+log = logging.getLogger("megatron_spo.train")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches. ``engine``/``phase``/``logger`` live on rank 0 only."""
+
+    cfg: Config
+    actor: Any
+    dataset: Any
+    tokenizer: Any
+    stream: PromptStream
+    tracker: Any
+    sampler: Any
+    logger: Optional[MetricsLogger] = None
+    engine: Any = None
+    phase: Any = None
+    step: int = 0
+    weight_version: int = 0
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+
+def samples_per_step(cfg: Config) -> int:
+    return cfg.train.prompts_per_step * (1 if cfg.algo.advantage == "spo" else cfg.algo.grpo.n)
+
+
+def check_run_config(cfg: Config, dp: int) -> None:
+    """Cross-checks that need the world layout; errors name the keys."""
+    if not cfg.model.path or not cfg.data.train_path:
+        raise ConfigError("model.path and data.train_path must be set to train")
+    n = samples_per_step(cfg)
+    if n % dp:
+        raise ConfigError(f"samples per step ({n}: train.prompts_per_step x responses per prompt) must be divisible "
+                          f"by the data-parallel size {dp}")
+    if cfg.train.updates_per_step > n // dp:
+        raise ConfigError(f"train.updates_per_step={cfg.train.updates_per_step} exceeds the {n // dp} samples per "
+                          "data-parallel rank")
+    if cfg.algo.advantage == "spo" and cfg.algo.spo.rho_mode == "accumulated" and cfg.train.updates_per_step < 2:
+        raise ConfigError("algo.spo.rho_mode=accumulated needs train.updates_per_step >= 2")
+
+
+def setup(cfg: Config) -> Run:
+    from transformers import AutoTokenizer
+
+    from megatron_spo.data import load_prompts
+    from megatron_spo.megatron.actor import LossSettings, MegatronActor
+    from megatron_spo.megatron.export import load_hf_weights
+    from megatron_spo.megatron.model import load_hf_config
+    from megatron_spo.megatron.optimizer import OptimSettings
+    from megatron_spo.megatron.parallel import ParallelSizes, initialize_parallel
+
+    p = cfg.parallel
+    dp = initialize_parallel(ParallelSizes(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor, cp=p.context,
+                                           vpp=p.virtual_pipeline, sequence_parallel=p.sequence_parallel),
+                             hf_config=load_hf_config(cfg.model.path), seed=cfg.train.seed)
+    check_run_config(cfg, dp)
+    rank = dist.get_rank()
+    if rank == 0:
+        cfg.save(cfg.io.run_dir)
+        print(cfg.to_yaml(), flush=True)
+    loss = cfg.algo.loss
+    kwargs = {"ppo": dict(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
+                          tis_cap=loss.tis_cap),
+              "gspo": dict(clip_low=loss.gspo_clip_low, clip_high=loss.gspo_clip_high, tis_cap=loss.tis_cap),
+              "vespo": dict(k_pos=loss.vespo_k_pos, lambda_pos=loss.vespo_lambda_pos, k_neg=loss.vespo_k_neg,
+                            lambda_neg=loss.vespo_lambda_neg, tis_cap=loss.tis_cap)}[loss.name]
+    actor = MegatronActor(
+        cfg.model.path,
+        optim=OptimSettings.from_config(cfg.optim, cfg.train.steps * cfg.train.updates_per_step,
+                                        distributed_optimizer=p.distributed_optimizer),
+        loss=LossSettings(name=loss.name, agg=loss.agg, max_len=cfg.rollout.max_response_len, kwargs=kwargs,
+                          kl_coef=loss.kl_coef, kl_estimator=loss.kl_estimator, entropy_coef=loss.entropy_coef),
+        micro_batch_tokens=cfg.train.micro_batch_tokens, temperature=cfg.rollout.temperature,
+        params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
+        aux_loss_coef=cfg.model.moe_aux_loss_coef)
+    load_hf_weights(actor.model, cfg.model.path)
+    dataset = load_prompts(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key,
+                           skip_bad_rows=cfg.data.skip_bad_rows)
+    tracker = spo_state.build_tracker(cfg, dataset.keys()) if cfg.algo.advantage == "spo" else None
+    run = Run(cfg=cfg, actor=actor, dataset=dataset, tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
+              stream=PromptStream(len(dataset), seed=cfg.train.seed), tracker=tracker,
+              sampler=spo_state.build_sampler(cfg, tracker))
+    if rank == 0:
+        from megatron_spo.run.engines import build_engine, context_len
+        from megatron_spo.run.rollout_phase import RolloutPhase
+
+        run.engine = build_engine(cfg)
+        run.phase = RolloutPhase(run.engine, run.tokenizer, cfg.rollout, reward=cfg.data.reward,
+                                 max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
+                                 context_len=context_len(run.engine))
+    return run
+
+
+# -------------------------------------------------------------------------------------------------
+# The step
+# -------------------------------------------------------------------------------------------------
+
+
+def sample_prompts(run: Run) -> List[Any]:
+    """Step 1: this step's prompt records (identical on every rank: same stream and sampler state)."""
+    cfg = run.cfg
+    if cfg.algo.advantage == "spo":
+        pool = run.stream.take(min(cfg.algo.spo.pool_size, len(run.dataset)))
+        keys = [run.dataset[i].key for i in pool]
+        picked = run.sampler.sample(keys, cfg.train.prompts_per_step).tolist()
+        return [run.dataset[pool[i]] for i in picked]
+    return [run.dataset[i] for i in run.stream.take(cfg.train.prompts_per_step)]
+
+
+def rollout(run: Run, records: List[Any]) -> List[Any]:
+    """Steps 2-3: rank 0 rolls out (rewards set as samples finish); every rank receives the samples."""
+    payload = [None]
+    if run.rank == 0:
+        n = 1 if run.cfg.algo.advantage == "spo" else run.cfg.algo.grpo.n
+        mode = "single_stream" if n == 1 else "group"
+        batch = run.phase.run(records, n, mode=mode, uid_prefix=f"s{run.step}-")
+        run.metrics.update(batch.metrics)
+        payload = [batch.samples]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def advantages(run: Run, samples: List[Any]) -> torch.Tensor:
+    """Step 4: ``[B]`` sequence advantages (SPO: baseline read before this step's tracker update)."""
+    rewards, ok = train_batch.rewards_of(samples), train_batch.ok_mask(samples)
+    cfg = run.cfg
+    if cfg.algo.advantage == "spo":
+        baseline = run.tracker.values([s.key for s in samples])
+        run.metrics["spo/baseline_mean"] = float(baseline.mean())
+        return train_batch.sequence_advantages("spo", rewards, ok, baseline=baseline)
+    group_ids = torch.tensor([s.meta["record"] for s in samples])
+    return train_batch.sequence_advantages(cfg.algo.advantage, rewards, ok, group_ids=group_ids,
+                                           norm_by_std=cfg.algo.grpo.norm_by_std)
+
+
+def update_policy(run: Run, local: Dict[str, torch.Tensor]) -> List[float]:
+    """Steps 5-6: old log-probs, then one optimizer step per mini-batch. Returns |Δlogp| per update."""
+    local["old_logp"] = run.actor.score(local)["logp"]
+    per_update = [run.actor.train_step(mb) for mb in train_batch.mini_batches(local, run.cfg.train.updates_per_step)]
+    for key in per_update[0]:  # metrics are already global per update; report their mean over the step
+        run.metrics[key] = sum(float(m[key]) for m in per_update) / len(per_update)
+    mis = train_batch.mismatch_sums(local["old_logp"], local["rollout_logp"], local["loss_mask"])
+    run.metrics.update(train_batch.finish_mismatch(reduce_sum_max(mis)))
+    return [float(m.get("actor/abs_logratio", 0.0)) for m in per_update]
+
+
+def update_tracker(run: Run, samples: List[Any], local: Dict[str, torch.Tensor], rows: List[int], drift: List[float]):
+    """Steps 7-8: ρ with the updated policy, then α ← ρα + r, β ← ρβ + (1 − r) for the OK samples."""
+    t, ok = run.tracker, train_batch.ok_mask(samples)
+    keys = [s.key for s in samples]
+    exact = t.rho_type == "kl" and t.rho_mode == "exact"
+    if exact:
+        now, remember = spo_state.exact_rho_inputs(run.actor, t, [keys[r] for r in rows], rows, local,
+                                                   run.tokenizer.pad_token_id)
+        now, remember = spo_state.gather_rows(now), spo_state.gather_rows(remember)
+    elif t.rho_mode == "accumulated":
+        t.record_step_drift(spo_state.step_drift(drift))
+    good = [i for i in range(len(samples)) if bool(ok[i])]
+    if not good:
+        return
+    gkeys = [keys[i] for i in good]
+    rho = spo_state.exact_rho(t, gkeys, now, good) if exact else t.rho(gkeys)
+    t.update(gkeys, train_batch.rewards_of(samples)[good], rho)
+    if exact:
+        spo_state.remember_rows(t, gkeys, remember, good)
+    run.metrics.update({k: float(v) for k, v in t.metrics().items()})
+
+
+def sync_weights(run: Run) -> None:
+    """Step 9a: stream the updated weights to the engine (collective; rank 0 feeds the engine)."""
+    from megatron_spo.megatron.export import export_hf_weights
+
+    buckets = export_hf_weights(run.actor.model, run.actor.hf_config)
+    if run.rank == 0:
+        run.engine.update_weights(buckets, run.weight_version)
+    else:
+        for _ in buckets:
+            pass
+
+
+def reduce_sum_max(values: Dict[str, float]) -> Dict[str, float]:
+    """All-reduce a dict of floats over the world: keys ending in ``_max`` by MAX, the rest by SUM."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    out = {}
+    for key in sorted(values):
+        t = torch.tensor([values[key]], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.SUM)
+        out[key] = float(t)
+    return out
+
+
+def train_step(run: Run) -> None:
+    records = sample_prompts(run)
+    samples = rollout(run, records)
+    seq_adv = advantages(run, samples)
+    full = train_batch.with_advantages(train_batch.collate(samples, run.tokenizer.pad_token_id), seq_adv)
+    ps = run.actor.ps
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    per = len(samples) // dp
+    rows = list(range(dp_rank * per, (dp_rank + 1) * per))
+    local = {k: v[rows[0]:rows[-1] + 1] for k, v in full.items()}
+    drift = update_policy(run, local)
+    if run.tracker is not None:
+        update_tracker(run, samples, local, rows, drift)
+    run.weight_version += 1
+    sync_weights(run)
+    rewards = train_batch.rewards_of(samples)
+    run.metrics.update({"reward/mean": float(rewards.mean()), "weight_version": float(run.weight_version)})
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints and the main loop
+# -------------------------------------------------------------------------------------------------
+
+
+def caller_state(run: Run) -> Dict[str, Any]:
+    return {"step": run.step, "weight_version": run.weight_version, "stream": run.stream.state_dict(),
+            "sampler": run.sampler.state_dict(), "tracker": run.tracker.state_dict() if run.tracker else None}
+
+
+def save(run: Run) -> Path:
+    from megatron_spo.megatron.checkpoint import save_checkpoint
+
+    a = run.actor
+    return save_checkpoint(Path(run.cfg.io.run_dir) / "checkpoints", run.step, a.model, a.optimizer, a.scheduler,
+                           caller_state=caller_state(run), keep_last=run.cfg.io.keep_last, hf_dir=run.cfg.model.path)
+
+
+def resume(run: Run) -> None:
+    """``io.resume``: 'auto' continues from the newest complete checkpoint in the run dir, if any."""
+    from megatron_spo.megatron.checkpoint import load_checkpoint
+
+    where = run.cfg.io.resume
+    if where == "none":
+        return
+    path = Path(run.cfg.io.run_dir) / "checkpoints" if where == "auto" else Path(where)
+    a = run.actor
+    loaded = load_checkpoint(path, a.model, a.optimizer, a.scheduler)
+    if loaded is None:
+        return
+    state = loaded.caller_state
+    run.step, run.weight_version = int(state["step"]), int(state["weight_version"])
+    run.stream.load_state_dict(state["stream"])
+    run.sampler.load_state_dict(state["sampler"])
+    if run.tracker is not None:
+        run.tracker.load_state_dict(state["tracker"])
+    sync_weights(run)  # the engines start from the base weights: give them the resumed policy
+    if run.rank == 0:
+        print(f"resumed from {loaded.path} at step {run.step}", flush=True)
+
+
+def train(cfg: Config) -> int:
+    run = setup(cfg)
+    resume(run)
+    stop = PreemptionFlag(stop_file=Path(cfg.io.run_dir) / "STOP")
+    run.logger = MetricsLogger(cfg.io.run_dir, cfg.train.steps, enabled=run.rank == 0,
+                               tensorboard=cfg.io.tensorboard, start_step=run.step)
+    try:
+        while run.step < cfg.train.steps:
+            t0 = time.monotonic()
+            run.metrics = {}
+            train_step(run)
+            run.metrics["step_seconds"] = time.monotonic() - t0
+            if run.step % cfg.io.log_every == 0:
+                run.logger.log(run.step, run.metrics)
+            run.step += 1
+            preempted = stop.should_stop()
+            if preempted or (cfg.train.save_every and run.step % cfg.train.save_every == 0):
+                save(run)
+            if preempted:
+                if run.rank == 0:
+                    (Path(cfg.io.run_dir) / "PREEMPTED").write_text(f"{stop.signal_name} at step {run.step}\n")
+                    stop.clear_stop_file()
+                return 0
+        save(run)
+    finally:
+        run.logger.close()
+        stop.restore()
+    if run.rank == 0:
+        png = plot_metrics(Path(cfg.io.run_dir) / "metrics.jsonl", Path(cfg.io.run_dir) / "metrics.png")
+        print(f"done: {run.step} steps; metrics in {cfg.io.run_dir}/metrics.jsonl, plot {png}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_spo.config_cli import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_spo.train", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default=None, help="'auto' (default from io.resume), 'none' or a checkpoint dir")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides) + ([f"io.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter bucket
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
