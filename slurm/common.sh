@@ -258,7 +258,7 @@ build_overrides() {
             local url_list=${ROLLOUT_URLS:-}
             if [[ -z "$url_list" ]]; then
                 local file=${URL_FILE:-$RUN_DIR/rollout_urls.txt}
-                log "waiting up to ${URL_WAIT_S:-3600}s for the rollout URL file $file (written by slurm/rollout.sbatch)"
+                [[ -f "$file" ]] || log "waiting up to ${URL_WAIT_S:-3600}s for the rollout URL file $file (written by slurm/rollout.sbatch)"
                 wait_for_file "$file" "${URL_WAIT_S:-3600}" || die "no rollout URLs: set ROLLOUT_URLS, or start slurm/rollout.sbatch with the same RUN_DIR"
                 url_list=$(read_urls "$file")
             fi
@@ -369,7 +369,7 @@ node_preflight() {
             || die "the sandbox on this node did not start (see the sandbox step's output)"
     fi
     if ! "${MSPO_CLI:-megatron-spo}" preflight --config "$CONFIG" "$@"; then
-        die "preflight FAILED on $(hostname -s) (node $index of $NNODES)"
+        die "preflight FAILED on ${SLURMD_NODENAME:-$(hostname -s)} (node $index of $NNODES)"
     fi
 }
 
@@ -382,7 +382,7 @@ node_rollout() {
     fi
     : "${MODEL:?MODEL must name the HF model directory the rollout servers load}"
     local host addr gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}} tp=${ROLLOUT_TP:-1}
-    host=$(hostname -s)
+    host=${SLURMD_NODENAME:-$(hostname -s)}
     addr=$(node_addr)
     (( gpus % tp == 0 )) || die "GPUS_PER_NODE=$gpus is not divisible by ROLLOUT_TP=$tp"
     local n=$(( gpus / tp )) i port devices
@@ -413,7 +413,9 @@ node_rollout() {
         urls+=("http://$addr:$port")
         log "started $ROLLOUT_ENGINE server $i on GPUs $devices at http://$addr:$port (log: $RUN_DIR/logs/rollout-$host-$i.log)"
     done
-    trap 'kill "${pids[@]}" 2>/dev/null' EXIT TERM
+    local stopping=0
+    trap 'kill "${pids[@]}" 2>/dev/null' EXIT
+    trap 'stopping=1; kill "${pids[@]}" 2>/dev/null' TERM
     for (( i = 0; i < n; i++ )); do
         wait_for_health "${urls[$i]}" "${HEALTH_TIMEOUT:-1800}" "${pids[$i]}" \
             || die "rollout server $i on $host did not become healthy; see $RUN_DIR/logs/rollout-$host-$i.log"
@@ -422,6 +424,10 @@ node_rollout() {
     # If one server dies, end the step so the job fails visibly instead of serving with a hole.
     local rc=0
     wait -n "${pids[@]}" || rc=$?
+    if (( stopping )); then
+        log "rollout servers on $host stopped"
+        exit 0
+    fi
     die "a rollout server on $host exited (exit code $rc); see $RUN_DIR/logs/rollout-$host-*.log"
 }
 
