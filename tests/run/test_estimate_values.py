@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import List
 
 import pytest
@@ -13,6 +12,7 @@ from megatron_spo.config import RolloutConfig
 from megatron_spo.data import load_prompts
 from megatron_spo.models.tiny import make_tiny_model_dir
 from megatron_spo.rollout.embedded import EmbeddedEngine
+from megatron_spo.rollout.reward_registry import REWARD_FNS, register_reward
 from megatron_spo.run import estimate_values as ev
 from megatron_spo.run.rollout_phase import RolloutPhase
 
@@ -49,6 +49,10 @@ class CountingEngine:
 
 def first_token_even(response, ground_truth, sample=None, **kw):
     return float(sample.response_ids[0] % 2 == 0)
+
+
+if "test_estimate_first_token_even" not in REWARD_FNS:  # the CLI takes the reward by registered name
+    register_reward("test_estimate_first_token_even")(first_token_even)
 
 
 # 7 rows, 6 distinct prompts: row 5 repeats row 4's prompt, so that key collects 2n scores in one subset.
@@ -155,22 +159,17 @@ def test_cli_end_to_end_and_rerun(model_dir, tmp_path, capsys):
     out = tmp_path / "ov"
     argv = ["estimate-values", "--set", f"model.path={model_dir}", "--set", f"data.train_path={data}",
             "--set", "rollout.max_response_len=3", "--subsets", "2", "--out", str(out), "--reward",
-            "tests.run.test_estimate_values:first_token_even", "--no-progress"]
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the reward is given by import path
-    try:
-        assert cli(argv) == 0
-        first = capsys.readouterr().out
-        assert "subsets sampled: [0, 1], already done: []" in first
-        merged = json.loads((out / "offline_values.json").read_text())
-        assert set(merged) == {r["prompt"] for r in ROWS} and all(len(v) == 8 for v in merged.values())  # n = 8
-        stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("subset_*.json")}
-        assert cli(argv) == 0
-        assert "subsets sampled: [], already done: [0, 1]" in capsys.readouterr().out
-        assert {p.name: p.stat().st_mtime_ns for p in out.glob("subset_*.json")} == stamps
-    finally:
-        sys.path.pop(0)
+            "test_estimate_first_token_even", "--no-progress"]
+    assert cli(argv) == 0
+    first = capsys.readouterr().out
+    assert "subsets sampled: [0, 1], already done: []" in first
+    merged = json.loads((out / "offline_values.json").read_text())
+    assert set(merged) == {r["prompt"] for r in ROWS} and all(len(v) == 8 for v in merged.values())  # n = 8
+    assert set(json.loads((out / "manifest.json").read_text())) == {"data", "prompts", "keys_sha256", "subsets", "n"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("subset_*.json")}
+    assert cli(argv) == 0
+    assert "subsets sampled: [], already done: [0, 1]" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("subset_*.json")} == stamps
 
 
 def test_cli_bad_rows(model_dir, tmp_path, capsys):

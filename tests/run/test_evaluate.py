@@ -161,6 +161,30 @@ def test_cli_with_a_server_url(model_dir, tmp_path):
         assert report["benchmarks"]["b"][name] == pytest.approx(value), name
 
 
+def test_two_server_urls_share_the_requests(model_dir, tmp_path):
+    rows = PROBLEMS[:3]
+    data = write_jsonl(tmp_path / "b.jsonl", rows)
+    engines = [EmbeddedEngine(str(model_dir)), EmbeddedEngine(str(model_dir))]
+    servers = [ServerThread(e) for e in engines]
+    try:
+        urls = [s.start() for s in servers]
+        rc = cli(["eval", "--set", f"model.path={model_dir}", "--set", "rollout.engine=sglang",
+                  "--set", f"rollout.urls=[{urls[0]}, {urls[1]}]", "--set", "rollout.max_response_len=4",
+                  "--data", str(data), "--k", "2", "--reward", "test_eval_even_text_length",
+                  "--out", str(tmp_path / "o"), "--no-progress"])
+    finally:
+        for s in servers:
+            s.stop()
+        for e in engines:
+            e.close()
+    assert rc == 0
+    report = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert report["benchmarks"]["b"]["samples"] == 6 and report["benchmarks"]["b"]["errors"] == 0
+    # least-loaded routing: six concurrent requests land on both servers
+    assert all(e.tokens_generated > 0 for e in engines)
+    assert sum(e.tokens_generated for e in engines) == report["rollout"]["b"]["rollout/tokens_generated"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
