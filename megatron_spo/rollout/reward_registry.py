@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import threading
 from typing import Any, Callable, Dict, Optional
 
 from megatron_spo.rollout import rewards
@@ -96,9 +97,14 @@ class RewardManager:
         self._kwargs = _takes_kwargs(self.fn)
         self.overlong = overlong
         self.metrics: Dict[str, float] = {"reward/calls": 0, "reward/errors": 0, "reward/sum": 0.0}
+        self._lock = threading.Lock()  # the scheduler computes rewards in a thread pool
+
+    def _add(self, key: str, value: float) -> None:
+        with self._lock:
+            self.metrics[key] += value
 
     def __call__(self, sample: Sample) -> float:
-        self.metrics["reward/calls"] += 1
+        self._add("reward/calls", 1)
         try:
             if self._kwargs:
                 raw = self.fn(sample.response_text, sample.ground_truth, sample=sample)
@@ -109,10 +115,10 @@ class RewardManager:
                 max_len, buffer_len, factor = self.overlong
                 score += rewards.dapo_overlong_penalty(len(sample.response_ids), max_len, buffer_len, factor)
         except Exception as e:  # a broken reward is this sample's problem, not the run's
-            self.metrics["reward/errors"] += 1
+            self._add("reward/errors", 1)
             sample.count("reward_errors")
             sample.errors.append(f"reward {self.name}: {type(e).__name__}: {e}")
             score = 0.0
         sample.reward = score
-        self.metrics["reward/sum"] += score
+        self._add("reward/sum", score)
         return score

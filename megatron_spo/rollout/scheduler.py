@@ -18,8 +18,11 @@ Per sample, in this order:
    ``max_regenerations`` times it is delivered as an error. The check runs when a sample finishes
    and again when it is handed out (weights may have moved while it waited). The current version
    comes from ``version_fn`` (default: ``engine.weight_version``).
-3. **Reward.** ``reward_fn(sample)`` (a :class:`~megatron_spo.rollout.rewards.RewardManager`) runs
-   in the event loop when the sample finishes; it never raises.
+3. **Reward.** ``reward_fn(sample)`` (a :class:`~megatron_spo.rollout.reward_registry.RewardManager`
+   or any function setting ``sample.reward``) runs when the sample finishes, in a small thread pool
+   with a timeout (``reward_timeout_s``): a grader that raises or hangs (sympy on a pathological
+   answer; math-verify's own SIGALRM timeout cannot work off the main thread) gives reward 0, is
+   counted, and never stalls the event loop. ``reward_timeout_s=None`` runs it inline instead.
 
 Partial rollouts on a weight update are the agent loop's job: an engine that aborts in-flight
 generations (finish_reason "abort") has them resumed from the partial tokens or restarted
@@ -34,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import dataclasses
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Union
 
 from megatron_spo.rollout.engine import Engine, EngineError
@@ -52,7 +56,7 @@ class SchedulerTimeout(TimeoutError):
     """``get_batch`` waited longer than its timeout."""
 
 
-@dataclass
+@dataclasses.dataclass
 class SchedulerConfig:
     """Scheduling policy.
 
@@ -66,6 +70,8 @@ class SchedulerConfig:
         sample_timeout_s: seconds one rollout attempt may take (``None``: no limit).
         max_regenerations: stale regenerations of one sample before it is reported failed.
         retry_backoff_s: sleep before a retry (the concurrency slot is released meanwhile).
+        reward_timeout_s: seconds one reward computation may take (``None``: inline, no limit).
+        reward_workers: threads computing rewards.
     """
 
     mode: str = "single_stream"
@@ -75,6 +81,8 @@ class SchedulerConfig:
     sample_timeout_s: Optional[float] = None
     max_regenerations: int = 3
     retry_backoff_s: float = 0.0
+    reward_timeout_s: Optional[float] = 60.0
+    reward_workers: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -119,6 +127,7 @@ class RolloutScheduler:
         self._undelivered: Dict[str, int] = {}
         self._regens: Dict[str, int] = collections.defaultdict(int)
         self.completion_order: List[str] = []
+        self._reward_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -208,13 +217,34 @@ class RolloutScheduler:
             self.metrics["regenerations"] += 1
         sample.count("regenerations", self._regens.pop(uid, 0))
         if sample.ok and self.reward_fn is not None:
-            try:
-                self.reward_fn(sample)
-            except Exception as e:  # a bare reward function (not a RewardManager) raised: 0, counted, run goes on
-                sample.reward = 0.0
-                sample.count("reward_errors")
-                sample.errors.append(f"reward: {type(e).__name__}: {e}")
+            await self._reward(sample)
         self._deliver(sample)
+
+    async def _reward(self, sample: Sample) -> None:
+        try:
+            if self.cfg.reward_timeout_s is None:
+                self.reward_fn(sample)
+                return
+            if self._reward_pool is None:
+                self._reward_pool = concurrent.futures.ThreadPoolExecutor(self.cfg.reward_workers,
+                                                                          thread_name_prefix="reward")
+            # the thread works on a copy: a grader that outlives its timeout must not change a
+            # sample already handed to the trainer
+            work = dataclasses.replace(sample, errors=list(sample.errors), metrics=dict(sample.metrics))
+            fut = asyncio.get_running_loop().run_in_executor(self._reward_pool, self.reward_fn, work)
+            await asyncio.wait_for(fut, self.cfg.reward_timeout_s)
+            sample.reward, sample.errors, sample.metrics = work.reward, work.errors, work.metrics
+        except asyncio.TimeoutError:
+            self.metrics["reward_timeouts"] += 1
+            self._reward_failed(sample, f"reward: timed out after {self.cfg.reward_timeout_s}s")
+        except Exception as e:  # a bare reward function (not a RewardManager) raised: 0, counted, run goes on
+            self._reward_failed(sample, f"reward: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _reward_failed(sample: Sample, message: str) -> None:
+        sample.reward = 0.0
+        sample.count("reward_errors")
+        sample.errors.append(message)
 
     def _deliver(self, sample: Sample) -> None:
         self.metrics["samples_finished"] += 1
@@ -308,6 +338,9 @@ class RolloutScheduler:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._reward_pool is not None:
+            self._reward_pool.shutdown(wait=False, cancel_futures=True)
+            self._reward_pool = None
 
 
 class ThreadedScheduler:

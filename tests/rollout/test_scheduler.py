@@ -399,3 +399,30 @@ def test_group_member_stale_at_hand_out_is_regenerated_alone():
     assert [s.group_index for s in g] == [0, 1]
     assert [s.weight_versions for s in g] == [[2], [1]]
     assert sch.metrics["stale_dropped"] == 1 and eng.calls == [[10], [11], [10]]
+
+
+def test_hanging_reward_times_out_without_stalling_other_samples():
+    import time as _time
+
+    def reward(sample):
+        if sample.request_uid == "p0":
+            _time.sleep(1.0)           # a grader stuck on one answer (thread is left to finish)
+        sample.reward = 1.0
+
+    async def main():
+        eng = GatedEngine()
+        sch = RolloutScheduler(eng, single_turn, SchedulerConfig(reward_timeout_s=0.2), reward_fn=reward)
+        for k in range(3):
+            sch.submit(req(k))
+            eng.gate(k).set()
+        out = await sch.get_batch(3, timeout=5)
+        await asyncio.sleep(1.2)        # the stuck grader finishes late ...
+        await sch.aclose()
+        return out, sch
+
+    out, sch = run(main())
+    by = {s.request_uid: s for s in out}
+    assert by["p1"].reward == 1.0 and by["p2"].reward == 1.0
+    assert by["p0"].reward == 0.0 and "reward: timed out after 0.2s" in by["p0"].errors  # ... and changes nothing
+    assert sch.metrics["reward_timeouts"] == 1
+    assert [s.request_uid for s in out][-1] == "p0"   # the others were not held behind it
