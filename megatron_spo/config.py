@@ -198,6 +198,15 @@ class LossConfig:
         _at_least(f"{key}.kl_coef", self.kl_coef, 0.0)
         _at_least(f"{key}.entropy_coef", self.entropy_coef, 0.0)
 
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of the registered loss ``name`` (see megatron_spo/algos/losses.py, vespo.py)."""
+        if self.name == "ppo":
+            return dict(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip, tis_cap=self.tis_cap)
+        if self.name == "gspo":
+            return dict(clip_low=self.gspo_clip_low, clip_high=self.gspo_clip_high, tis_cap=self.tis_cap)
+        return dict(k_pos=self.vespo_k_pos, lambda_pos=self.vespo_lambda_pos, k_neg=self.vespo_k_neg,
+                    lambda_neg=self.vespo_lambda_neg, tis_cap=self.tis_cap)
+
 
 @dataclass
 class AlgoConfig:

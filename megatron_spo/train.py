@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spo.config import Config, ConfigError, load_config
-from megatron_spo.run import spo_state, train_batch
+from megatron_spo.run import collectives, spo_state, train_batch
 from megatron_spo.run.metrics_log import MetricsLogger, plot_metrics
 from megatron_spo.run.preemption import PreemptionFlag
 from megatron_spo.run.prompt_stream import PromptStream
@@ -58,60 +58,17 @@ class Run:
         return dist.get_rank() if dist.is_initialized() else 0
 
 
-def samples_per_step(cfg: Config) -> int:
-    return cfg.train.prompts_per_step * (1 if cfg.algo.advantage == "spo" else cfg.algo.grpo.n)
-
-
-def check_run_config(cfg: Config, dp: int) -> None:
-    """Cross-checks that need the world layout; errors name the keys."""
-    if not cfg.model.path or not cfg.data.train_path:
-        raise ConfigError("model.path and data.train_path must be set to train")
-    n = samples_per_step(cfg)
-    if n % dp:
-        raise ConfigError(f"samples per step ({n}: train.prompts_per_step x responses per prompt) must be divisible "
-                          f"by the data-parallel size {dp}")
-    if cfg.train.updates_per_step > n // dp:
-        raise ConfigError(f"train.updates_per_step={cfg.train.updates_per_step} exceeds the {n // dp} samples per "
-                          "data-parallel rank")
-    if cfg.algo.advantage == "spo" and cfg.algo.spo.rho_mode == "accumulated" and cfg.train.updates_per_step < 2:
-        raise ConfigError("algo.spo.rho_mode=accumulated needs train.updates_per_step >= 2")
-
-
 def setup(cfg: Config) -> Run:
     from transformers import AutoTokenizer
 
     from megatron_spo.data import load_prompts
-    from megatron_spo.megatron.actor import LossSettings, MegatronActor
-    from megatron_spo.megatron.export import load_hf_weights
-    from megatron_spo.megatron.model import load_hf_config
-    from megatron_spo.megatron.optimizer import OptimSettings
-    from megatron_spo.megatron.parallel import ParallelSizes, initialize_parallel
+    from megatron_spo.run.setup import build_actor
 
-    p = cfg.parallel
-    dp = initialize_parallel(ParallelSizes(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor, cp=p.context,
-                                           vpp=p.virtual_pipeline, sequence_parallel=p.sequence_parallel),
-                             hf_config=load_hf_config(cfg.model.path), seed=cfg.train.seed)
-    check_run_config(cfg, dp)
+    actor = build_actor(cfg)
     rank = dist.get_rank()
     if rank == 0:
         cfg.save(cfg.io.run_dir)
         print(cfg.to_yaml(), flush=True)
-    loss = cfg.algo.loss
-    kwargs = {"ppo": dict(clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
-                          tis_cap=loss.tis_cap),
-              "gspo": dict(clip_low=loss.gspo_clip_low, clip_high=loss.gspo_clip_high, tis_cap=loss.tis_cap),
-              "vespo": dict(k_pos=loss.vespo_k_pos, lambda_pos=loss.vespo_lambda_pos, k_neg=loss.vespo_k_neg,
-                            lambda_neg=loss.vespo_lambda_neg, tis_cap=loss.tis_cap)}[loss.name]
-    actor = MegatronActor(
-        cfg.model.path,
-        optim=OptimSettings.from_config(cfg.optim, cfg.train.steps * cfg.train.updates_per_step,
-                                        distributed_optimizer=p.distributed_optimizer),
-        loss=LossSettings(name=loss.name, agg=loss.agg, max_len=cfg.rollout.max_response_len, kwargs=kwargs,
-                          kl_coef=loss.kl_coef, kl_estimator=loss.kl_estimator, entropy_coef=loss.entropy_coef),
-        micro_batch_tokens=cfg.train.micro_batch_tokens, temperature=cfg.rollout.temperature,
-        params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
-        aux_loss_coef=cfg.model.moe_aux_loss_coef)
-    load_hf_weights(actor.model, cfg.model.path)
     dataset = load_prompts(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key,
                            skip_bad_rows=cfg.data.skip_bad_rows)
     tracker = spo_state.build_tracker(cfg, dataset.keys()) if cfg.algo.advantage == "spo" else None
@@ -178,8 +135,10 @@ def update_policy(run: Run, local: Dict[str, torch.Tensor]) -> List[float]:
     per_update = [run.actor.train_step(mb) for mb in train_batch.mini_batches(local, run.cfg.train.updates_per_step)]
     for key in per_update[0]:  # metrics are already global per update; report their mean over the step
         run.metrics[key] = sum(float(m[key]) for m in per_update) / len(per_update)
-    mis = train_batch.mismatch_sums(local["old_logp"], local["rollout_logp"], local["loss_mask"])
-    run.metrics.update(train_batch.finish_mismatch(reduce_sum_max(mis)))
+    ps = run.actor.ps  # count each DP shard once: its TP/PP/CP peers hold the same rows
+    first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    mis = train_batch.mismatch_sums(local["old_logp"], local["rollout_logp"], local["loss_mask"] * first)
+    run.metrics.update(train_batch.finish_mismatch(collectives.reduce_sum_max(mis)))
     return [float(m.get("actor/abs_logratio", 0.0)) for m in per_update]
 
 
@@ -191,7 +150,7 @@ def update_tracker(run: Run, samples: List[Any], local: Dict[str, torch.Tensor],
     if exact:
         now, remember = spo_state.exact_rho_inputs(run.actor, t, [keys[r] for r in rows], rows, local,
                                                    run.tokenizer.pad_token_id)
-        now, remember = spo_state.gather_rows(now), spo_state.gather_rows(remember)
+        now, remember = collectives.gather_rows(now), collectives.gather_rows(remember)
     elif t.rho_mode == "accumulated":
         t.record_step_drift(spo_state.step_drift(drift))
     good = [i for i in range(len(samples)) if bool(ok[i])]
@@ -215,18 +174,6 @@ def sync_weights(run: Run) -> None:
     else:
         for _ in buckets:
             pass
-
-
-def reduce_sum_max(values: Dict[str, float]) -> Dict[str, float]:
-    """All-reduce a dict of floats over the world: keys ending in ``_max`` by MAX, the rest by SUM."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
-    out = {}
-    for key in sorted(values):
-        t = torch.tensor([values[key]], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.SUM)
-        out[key] = float(t)
-    return out
 
 
 def train_step(run: Run) -> None:

@@ -11,7 +11,6 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_spo.algos.spo_sampler import PrioritizedSampler, UniformSampler
 from megatron_spo.algos.spo_tracker import ValueTracker
@@ -53,18 +52,6 @@ def build_sampler(cfg: Config, tracker: Optional[ValueTracker]):
         return PrioritizedSampler(tracker, eps=cfg.algo.spo.sampling_eps, thompson=cfg.algo.spo.thompson,
                                   seed=cfg.train.seed)
     return UniformSampler(seed=cfg.train.seed)
-
-
-def gather_rows(local: Dict[int, Any]) -> Dict[int, Any]:
-    """Union over all ranks of ``{batch row: value}`` dicts (ranks of one DP shard send the same rows)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(local)
-    everyone: List[Dict[int, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(everyone, local)
-    merged: Dict[int, Any] = {}
-    for part in everyone:
-        merged.update(part)
-    return merged
 
 
 def _stored_batch(stored: Sequence[Dict[str, torch.Tensor]], pad_id: int) -> Dict[str, torch.Tensor]:
