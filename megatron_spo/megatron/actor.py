@@ -106,6 +106,9 @@ class MegatronActor:
                 lambda model, num_tokens=None, **kw: finalize_model_grads(model, None, **kw))
         self.model: List[torch.nn.Module] = chunks
         self.ps = parallel_state
+        # Batches arrive on CPU; the model (and NCCL collectives) live on the current GPU if any.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
 
     # ------------------------------------------------------------------------------------------
     # micro-batching
@@ -122,12 +125,13 @@ class MegatronActor:
         lengths = batch["lengths"].tolist()
         if groups is None:
             groups = batching.split_by_token_budget(lengths, self.micro_batch_tokens)
-            count = torch.tensor([len(groups)], dtype=torch.long)
+            count = torch.tensor([len(groups)], dtype=torch.long, device=self.device)
             if dist.is_initialized() and self.ps.get_data_parallel_world_size() > 1:
                 dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
             if int(count) != len(groups):
                 groups = batching.balance_to_count(lengths, int(count))
-        return batching.make_micro_batches(batch, groups)
+        mbs = batching.make_micro_batches(batch, groups)
+        return [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
 
     # ------------------------------------------------------------------------------------------
     # the shared forward path
@@ -201,7 +205,9 @@ class MegatronActor:
         result = None
         if self.ps.is_pipeline_last_stage(ignore_virtual=True):
             shape = batch["input_ids"].shape
-            result = {key: batching.scatter_rows([o[key] for o in outs], mbs, shape) for key in ("logp", "entropy")}
+            cpu_mbs = [{"rows": mb["rows"].cpu()} for mb in mbs]
+            result = {key: batching.scatter_rows([o[key].cpu() for o in outs], cpu_mbs, shape)
+                      for key in ("logp", "entropy")}
             valid = torch.arange(shape[1]).unsqueeze(0) < batch["lengths"].unsqueeze(1)
             result = {k: v * valid for k, v in result.items()}
         for chunk in self.model:
@@ -229,7 +235,7 @@ class MegatronActor:
 
     def global_normaliser(self, micro_batches: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         """Σ over micro-batches and DP ranks of the loss's normaliser (fp64 0-d), before any backward."""
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             for key in ("old_logp", "advantages"):
                 if mb.get(key) is None:
@@ -288,15 +294,16 @@ class MegatronActor:
             mins = {k: torch.stack([o[k] for o in outs]).min() for k in outs[0] if k.endswith("_min")}
             local = reduce_metrics([{k: v for k, v in o.items() if not k.endswith("_min")} for o in outs])
             local.update(mins)
+            local = {k: v.detach().double().cpu() for k, v in local.items()}
         local = self._broadcast_from_last_stage(local)
         if dist.is_initialized() and self.ps.get_data_parallel_world_size() > 1:
             group = self.ps.get_data_parallel_group()
             for key in sorted(local):
                 op = (dist.ReduceOp.MAX if key.endswith("_max") else
                       dist.ReduceOp.MIN if key.endswith("_min") else dist.ReduceOp.SUM)
-                value = local[key].double().clone()
+                value = local[key].double().to(self.device)
                 dist.all_reduce(value, op=op, group=group)
-                local[key] = value
+                local[key] = value.cpu()
         return local
 
     def optimizer_step(self) -> Dict[str, float]:
