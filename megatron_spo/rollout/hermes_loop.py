@@ -117,7 +117,7 @@ class HermesToolAgentLoop:
 
         async def invoke() -> str:
             if fn is None:
-                raise KeyError(f"unknown tool {name!r}; available: {sorted(self.tools)}")
+                raise LookupError(f"unknown tool {name!r}; available: {sorted(self.tools)}")
             return await fn(args)
 
         return await call_tool(invoke, self.cfg.tool_timeout_s, sample)

@@ -108,7 +108,7 @@ def test_unknown_tool_and_bad_json(tok):
     bad = '<tool_call>{"name": "nope", "arguments": {}}</tool_call>' + EOS
     loop = HermesToolAgentLoop(tok, {"code_interpreter": code_interpreter(EchoTool())})
     s = run(loop.run(ScriptedEngine(tok, [bad, T3]), RolloutRequest(uid="h", messages=MESSAGES)))
-    assert "Error when executing tool: \"unknown tool 'nope'" in s.response_text
+    assert "Error when executing tool: unknown tool 'nope'; available: ['code_interpreter']" in s.response_text
     assert s.metrics["tool_errors"] == 1 and s.finish_reason == "stop"
 
 
