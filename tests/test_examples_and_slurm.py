@@ -431,3 +431,43 @@ def test_rollout_sbatch_publishes_urls_and_ends_with_training(fake_slurm):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + err
     assert "the trainer finished" in err and not url_file.exists()
+
+
+@pytest.mark.slow  # imports megatron-core in a fresh process: ~15-40 s on a loaded 2-core machine
+def test_real_preflight_accepts_the_scripts_arguments(fake_slurm):
+    """The real `megatron-spo preflight` (not a stub) with the overrides train.sbatch builds, against
+    live /health endpoints: every check passes and torchrun starts with the same overrides."""
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        env = {"SLURM_JOB_NODELIST": "gpu01", "SLURM_JOB_NUM_NODES": "1", "GPUS_PER_NODE": "1",
+               "START_SANDBOX": "0", "ROLLOUT_URLS": f"{url},{url}/",
+               "MSPO_CLI": str(Path(sys.executable).parent / "megatron-spo"), "OMP_NUM_THREADS": "1",
+               "CONFIG": str(EXAMPLES / "qwen3_8b_spo.yaml")}
+        # The 8-GPU layout cannot pass on a CPU-only machine; a one-process layout can.
+        cpu = ["--set", "parallel.tensor=1", "--set", "parallel.sequence_parallel=false",
+               "--set", "parallel.distributed_optimizer=false", "--set", f"rollout.sandbox_url={url}"]
+        rc, out = fake_slurm.run("train.sbatch", env, args=cpu, timeout=240)
+    finally:
+        server.shutdown()
+    assert rc == 0, out
+    assert "[ok] launcher: rank 0 of 1, master gpu01:29500" in out
+    assert f"[ok] rollout server 1: {url}/health answered HTTP 200" in out
+    assert f"[ok] sandbox: {url}/health answered HTTP 200" in out
+    assert re.search(r"preflight: \d+ ok, 0 failed", out), out
+    argv = fake_slurm.argv("gpu01")
+    assert argv[:4] == ["--nnodes", "1", "--nproc-per-node", "1"]
+    assert _sets(argv)[-4:] == [s for s in cpu if s != "--set"]
