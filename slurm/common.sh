@@ -273,7 +273,9 @@ build_overrides() {
                 RAY_ADDRESS=$(cat "$file")
             fi
             export RAY_ADDRESS
-            MSPO_SETS+=(--set "rollout.ray_servers=${RAY_SERVERS:?ROLLOUT_MODE=ray needs RAY_SERVERS (servers Ray places)}")
+            # No URLs: Ray places the servers (and preflight must not probe the config's placeholder URL).
+            MSPO_SETS+=(--set "rollout.urls=[]"
+                --set "rollout.ray_servers=${RAY_SERVERS:?ROLLOUT_MODE=ray needs RAY_SERVERS (servers Ray places)}")
             ;;
         config) ;;  # use the config's rollout section as it is (e.g. the embedded engine)
         *) die "ROLLOUT_MODE must be urls, ray or config, got '$ROLLOUT_MODE'" ;;

@@ -198,6 +198,7 @@ if [[ $1 == show && $2 == hostnames ]]; then printf '%s\n' $FAKE_HOSTS; fi
     # torchrun stands in for the trainer: ok | fail | wait_stop (checkpoint-and-exit on the STOP file).
     "torchrun": r'''
 echo "$SLURMD_NODENAME $*" >>"$FAKE_LOG/torchrun.hosts"
+echo "${RAY_ADDRESS:-}" >"$FAKE_LOG/torchrun.ray_address.$SLURMD_NODENAME"
 printf '%q ' "$@" >"$FAKE_LOG/torchrun.argv.$SLURMD_NODENAME"
 run_dir=""
 for a in "$@"; do [[ $a == io.run_dir=* ]] && run_dir=${a#io.run_dir=}; done
@@ -235,6 +236,15 @@ case "$1" in
   -I) for i in "${!hosts[@]}"; do [[ ${hosts[$i]} == "$SLURMD_NODENAME" ]] && echo "10.0.0.$((i + 1)) "; done ;;
   *) echo "${SLURMD_NODENAME:-batchhost}" ;;
 esac
+''',
+    # ray: `start` records and (with --block) stays up; `status` answers at once.
+    "fake-ray": r'''
+echo "$SLURMD_NODENAME $*" >>"$FAKE_LOG/ray.log"
+case "$1" in
+  start) [[ " $* " == *" --block "* ]] && exec sleep 60; exit 0 ;;
+  status | stop) exit 0 ;;
+esac
+exit 2
 ''',
     # The rollout servers' interpreter (PYTHON=fake-python): record and stay up.
     "fake-python": r'''echo "$SLURMD_NODENAME $*" >>"$FAKE_LOG/servers.log"; exec sleep 60''',
@@ -406,6 +416,27 @@ def test_combined_sbatch_splits_nodes(fake_slurm):
     srun = [shlex.split(line) for line in fake_slurm.lines("srun.log")]
     assert {"--nodes=1", "--relative=0"} <= set(srun[0]) and "node_rollout" in srun[0]
     assert all({"--nodes=2", "--relative=1"} <= set(s) for s in srun[1:])
+
+
+def test_combined_sbatch_with_a_ray_cluster(fake_slurm):
+    env = {"SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_JOB_NUM_NODES": "3", "ROLLOUT_NODES": "2",
+           "ROLLOUT_ENGINE": "ray", "RAY": "fake-ray", "RAY_SERVERS": "4", "START_SANDBOX": "0",
+           "RAY_ADDRESS": "ray://stale:1"}
+    rc, out = fake_slurm.run("combined.sbatch", env)
+    assert rc == 0, out
+    ray = sorted(fake_slurm.lines("ray.log"))
+    starts = [line for line in ray if " start " in line]
+    assert starts == [
+        "gpu01 start --head --node-ip-address=10.0.0.1 --port=6379 --ray-client-server-port=10001 --num-gpus=8 --block",
+        "gpu02 start --address=10.0.0.1:6379 --node-ip-address=10.0.0.2 --num-gpus=8 --block"]
+    assert (fake_slurm.run_dir / "ray_address.txt").read_text() == "ray://10.0.0.1:10001\n"
+    # The single trainer node (gpu03) gets this job's Ray Client address and no URLs.
+    assert fake_slurm.lines("torchrun.hosts")[0].split()[0] == "gpu03"
+    assert (fake_slurm.log / "torchrun.ray_address.gpu03").read_text() == "ray://10.0.0.1:10001\n"
+    sets = _sets(fake_slurm.argv("gpu03"))
+    assert sets == [f"io.run_dir={fake_slurm.run_dir}", "rollout.urls=[]", "rollout.ray_servers=4"]
+    cfg = load_config(EXAMPLES / "qwen3_8b_spo.yaml", sets)
+    assert cfg.rollout.urls == [] and cfg.rollout.ray_servers == 4
 
 
 def test_combined_sbatch_rejects_bad_rollout_nodes(fake_slurm):
