@@ -49,6 +49,7 @@ class Run:
     logger: Optional[MetricsLogger] = None
     engine: Any = None
     phase: Any = None
+    validator: Any = None
     step: int = 0
     weight_version: int = 0
     metrics: Dict[str, float] = field(default_factory=dict)
@@ -83,6 +84,10 @@ def setup(cfg: Config) -> Run:
         run.phase = RolloutPhase(run.engine, run.tokenizer, cfg.rollout, reward=cfg.data.reward,
                                  max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
                                  context_len=context_len(run.engine))
+        if cfg.data.eval_paths and cfg.train.eval_every:
+            from megatron_spo.run.validation import Validator
+
+            run.validator = Validator(cfg, run.engine, run.tokenizer, context_len(run.engine))
     return run
 
 
@@ -243,10 +248,14 @@ def train(cfg: Config) -> int:
     run.logger = MetricsLogger(cfg.io.run_dir, cfg.train.steps, enabled=run.rank == 0,
                                tensorboard=cfg.io.tensorboard, start_step=run.step)
     try:
+        if run.validator is not None and run.step == 0:  # the starting point of the eval curves
+            run.logger.log(0, run.validator.run())
         while run.step < cfg.train.steps:
             t0 = time.monotonic()
             run.metrics = {}
             train_step(run)
+            if run.validator is not None and (run.step + 1) % cfg.train.eval_every == 0:
+                run.metrics.update(run.validator.run())
             run.metrics["step_seconds"] = time.monotonic() - t0
             if run.step % cfg.io.log_every == 0:
                 run.logger.log(run.step, run.metrics)

@@ -85,24 +85,30 @@ class MetricsLogger:
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Number]]:
-    """Read ``metrics.jsonl``; for a step logged more than once (a resumed run) the last record wins."""
+    """Read ``metrics.jsonl`` into one record per step: records of the same step are merged, later
+    values winning (a resumed run re-logs a step; validation logs next to the training metrics)."""
     by_step: Dict[int, Dict[str, Number]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
+            by_step.setdefault(int(rec["step"]), {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
 
 
 def plot_metrics(jsonl_path: Union[str, Path], png_path: Union[str, Path],
-                 keys: Sequence[str] = PLOT_KEYS) -> Path:
-    """Draw each of ``keys`` present in the JSONL over steps, one panel each, into ``png_path``."""
+                 keys: Optional[Sequence[str]] = None) -> Path:
+    """Draw each of ``keys`` present in the JSONL over steps, one panel each, into ``png_path``.
+
+    The default keys are :data:`PLOT_KEYS` plus every validation ``eval/<set>/avg@k`` curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(jsonl_path)
+    if keys is None:
+        keys = list(PLOT_KEYS) + sorted({k for r in records for k in r if k.startswith("eval/") and "/avg@" in k})
     present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
     if not present:
         raise ValueError(f"plot_metrics: none of {list(keys)} appears in {jsonl_path}")

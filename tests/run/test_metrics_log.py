@@ -19,10 +19,12 @@ def test_jsonl_tensorboard_and_png(tmp_path):
     # a resumed run re-logs step 2: the last record wins
     logger = MetricsLogger(tmp_path, total_steps=4, start_step=2, show_progress=False)
     logger.log(2, {"reward/mean": 0.5, "loss": 0.25})
+    logger.log(2, {"eval/toy/avg@4": 0.75})
     logger.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[2]["reward/mean"] == 0.5 and records[0]["grad_norm"] == "nan"
+    assert records[2]["eval/toy/avg@4"] == 0.75 and records[2]["grad_norm"] == "nan"  # merged, later wins
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
     png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
