@@ -38,7 +38,7 @@ def test_last_boxed(text, expected):
     ("<code>print(5)</code><interpreter>\n5\n</interpreter><think>a</think>\\boxed{5}", "5", 1.0),  # tools before: fine
     ("<think>a</think>\\boxed{4} then \\boxed{5}", "5", 1.0),            # last box wins
     ("<think>a</think>\\boxed{5} then \\boxed{4}", "5", 0.0),
-    ("<think>a</think>\\boxed{5}" + "." * 92, "5", 0.0),   # 9 + 92 = 101 chars: "\\" falls outside the last 100
+    ("<think>a</think>\\boxed{5}" + "." * 92, "5", 0.0),   # 9 + 92 = 101 chars: the backslash falls outside the last 100
     ("<think>a</think>\\boxed{5}" + "." * 91, "5", 1.0),   # 9 + 91 = 100 chars: just inside
 ])
 def test_strict_boxed_golden(response, gt, expected):
