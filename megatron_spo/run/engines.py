@@ -1,98 +1,28 @@
-"""Build the rollout engine a config asks for: the embedded CPU engine, or clients of server URLs.
+"""Build the rollout engine a config asks for: the embedded CPU engine, or a fleet of servers.
 
 - ``rollout.engine=embedded``: an :class:`~megatron_spo.rollout.embedded.EmbeddedEngine` over
   ``model.path`` (context window: the smaller of the model's positions and ``model.max_seq_len``).
-- ``rollout.engine=sglang|vllm`` with ``rollout.urls``: one HTTP client per URL; several URLs are
-  served by :class:`LeastLoadedEngines`, which sends each request to the client with the fewest
-  requests in flight. Every URL must answer ``GET /health`` first, or a clear error names it
-  (no hang: the health probe has a short timeout and no retries).
-
-``rollout.ray_servers`` (Ray-placed, supervised servers) belongs to the rollout fleet module, which
-does not exist yet; asking for it here is a clear error. Restarting dead servers and re-routing
-their in-flight requests are also the fleet's job: here a failed request raises ``EngineError`` and
-the scheduler retries it (it may land on another URL).
+- ``rollout.engine=sglang|vllm`` with ``rollout.urls``: a :class:`~megatron_spo.rollout.fleet.Fleet`
+  of HTTP clients (least-loaded routing, retries on another endpoint, health checks). Every URL
+  must answer ``GET /health`` first, or a clear error names it (no hang: the probe has a short
+  timeout and no retries).
+- ``rollout.ray_servers=N``: ``Fleet.ray`` (N servers placed and supervised by Ray; ``ray`` extra).
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional
 
-from megatron_spo.config import Config, ConfigError
-from megatron_spo.rollout.engine import Engine, EngineError, GenerateResult, SamplingParams, WeightSource
-
-
-class LeastLoadedEngines:
-    """Several engine clients behind the Engine protocol; each request goes to the least-loaded one.
-
-    Ties go to the client listed first. ``weight_version`` is the oldest of the clients' versions
-    (what the staleness bound must assume); control calls go to every client.
-    """
-
-    name = "least_loaded"
-
-    def __init__(self, engines: Sequence[Engine]):
-        if not engines:
-            raise ValueError("LeastLoadedEngines needs at least one engine")
-        self.engines = list(engines)
-        self.in_flight = [0] * len(self.engines)
-        self.requests = [0] * len(self.engines)
-
-    def _pick(self) -> int:
-        return min(range(len(self.engines)), key=lambda i: self.in_flight[i])
-
-    async def agenerate(self, prompt: Sequence[int], sampling: SamplingParams,
-                        request_id: Optional[str] = None) -> GenerateResult:
-        i = self._pick()
-        self.in_flight[i] += 1
-        self.requests[i] += 1
-        try:
-            return await self.engines[i].agenerate(prompt, sampling, request_id)
-        finally:
-            self.in_flight[i] -= 1
-
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> List[GenerateResult]:
-        """Send each prompt to the least-loaded client (blocking; not from inside an event loop), results in order."""
-
-        async def go():
-            return await asyncio.gather(*(self.agenerate(p, sampling) for p in prompts))
-
-        return list(asyncio.run(go()))
-
-    def update_weights(self, source: WeightSource, version: int) -> None:
-        buckets = source if isinstance(source, (str, os.PathLike)) else [list(b) for b in source]
-        for e in self.engines:
-            e.update_weights(buckets, version)
-
-    def pause(self) -> None:
-        for e in self.engines:
-            e.pause()
-
-    def resume(self) -> None:
-        for e in self.engines:
-            e.resume()
-
-    def health(self) -> bool:
-        return all(e.health() for e in self.engines)
-
-    @property
-    def weight_version(self) -> int:
-        return min(int(e.weight_version) for e in self.engines)
-
-    def close(self) -> None:
-        for e in self.engines:
-            close = getattr(e, "close", None)
-            if close is not None:
-                close()
+from megatron_spo.config import Config, ConfigError, RolloutConfig
+from megatron_spo.rollout.engine import Engine, EngineError
 
 
 def build_engine(cfg: Config, *, check_health: bool = True) -> Engine:
-    """The engine (or least-loaded set of clients) ``cfg.rollout`` describes.
+    """The engine (embedded, or a fleet of servers) ``cfg.rollout`` describes; its owner closes it.
 
     Raises:
-        ConfigError: ``model.path`` missing for the embedded engine, or ``rollout.ray_servers`` asked for.
+        ConfigError: ``model.path`` missing or not a directory, or Ray missing for ``rollout.ray_servers``.
         EngineError: a server URL does not answer ``GET /health`` (the message names the URL).
     """
     r = cfg.rollout
@@ -103,14 +33,16 @@ def build_engine(cfg: Config, *, check_health: bool = True) -> Engine:
         engine = EmbeddedEngine(str(path), seed=cfg.train.seed)
         engine.max_context = min(engine.max_context, cfg.model.max_seq_len)
         return engine
+    from megatron_spo.rollout.fleet import Fleet, make_client
+
+    client_kwargs = {"timeout_s": r.request_timeout_s}
     if r.ray_servers:
-        raise ConfigError("rollout.ray_servers needs the Ray rollout fleet (megatron_spo/rollout/fleet.py), which is "
-                          "not available yet; start servers yourself and pass rollout.urls instead")
-    if r.engine == "sglang":
-        from megatron_spo.rollout.sglang_client import SGLangClient as client_cls
-    else:
-        from megatron_spo.rollout.vllm_client import VLLMClient as client_cls
-    clients = [client_cls(url, timeout_s=r.request_timeout_s) for url in r.urls]
+        try:
+            return Fleet.ray(str(_model_dir(cfg)), r.ray_servers, kind=r.engine, client_kwargs=client_kwargs)
+        except ImportError as err:
+            raise ConfigError(f"rollout.ray_servers={r.ray_servers} needs Ray (pip install 'megatron-spo[ray]'): "
+                              f"{err}") from err
+    clients = [make_client(r.engine, url, **client_kwargs) for url in r.urls]
     if check_health:
         dead = [c.url for c in clients if not c.health()]
         if dead:
@@ -118,7 +50,7 @@ def build_engine(cfg: Config, *, check_health: bool = True) -> Engine:
                 c.close()
             raise EngineError(f"rollout server(s) not reachable (GET /health failed): {', '.join(dead)}; start them "
                               f"(e.g. slurm/rollout.sbatch) or fix rollout.urls")
-    return clients[0] if len(clients) == 1 else LeastLoadedEngines(clients)
+    return Fleet(clients)
 
 
 def load_tokenizer(cfg: Config, engine: Optional[Engine] = None):
@@ -146,9 +78,16 @@ def context_len(engine: Engine) -> Optional[int]:
 
 
 def close_engine(engine: Engine) -> None:
+    """Close an engine from :func:`build_engine`, and the URL clients of a fleet (the fleet leaves them open)."""
     close = getattr(engine, "close", None)
     if close is not None:
         close()
+    if getattr(engine, "launcher", None) is not None:
+        return  # a supervised fleet closes its own clients
+    for ep in getattr(engine, "endpoints", []):
+        client_close = getattr(ep.engine, "close", None)
+        if client_close is not None and getattr(ep.engine, "url", None):
+            client_close()
 
 
 def _model_dir(cfg: Config) -> Path:
@@ -163,19 +102,29 @@ def _model_dir(cfg: Config) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The rollout settings the eval / estimate-values commands share.
 
-#: Validation sampling of the SPO recipe (spec algorithms.md §1.3, §1.10): T=0.6, top_p=0.95, top_k=20.
-VALIDATION_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
-
-def add_sampling_arguments(parser, default_reward: str = "spo_strict_boxed") -> None:
-    """``--temperature/--top-p/--top-k`` (validation defaults), ``--max-response-len``, ``--reward``."""
-    parser.add_argument("--temperature", type=float, default=VALIDATION_SAMPLING["temperature"],
-                        help="sampling temperature (default %(default)s)")
-    parser.add_argument("--top-p", type=float, default=VALIDATION_SAMPLING["top_p"], help="default %(default)s")
-    parser.add_argument("--top-k", type=int, default=VALIDATION_SAMPLING["top_k"],
-                        help="default %(default)s; <= 0 disables it")
+def add_sampling_arguments(parser) -> None:
+    """``--temperature/--top-p/--top-k``, ``--max-response-len`` and ``--reward`` (defaults from the config)."""
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default rollout.eval_temperature = 0.6)")
+    parser.add_argument("--top-p", type=float, default=None, help="default rollout.eval_top_p = 0.95")
+    parser.add_argument("--top-k", type=int, default=None, help="default rollout.eval_top_k = 20; <= 0 disables it")
     parser.add_argument("--max-response-len", type=int, default=None,
                         help="token budget of a response (default rollout.max_response_len)")
-    parser.add_argument("--reward", default=default_reward,
+    parser.add_argument("--reward", default=None,
                         help="reward function: a registered name (spo_strict_boxed, math_verify) or "
-                             "'package.module:function' (default %(default)s)")
+                             "'package.module:function' (default data.reward)")
+
+
+def sampling_from_args(cfg: Config, args) -> RolloutConfig:
+    """``cfg.rollout`` with the validation sampling of the SPO recipe (spec §1.3, §1.10: T=0.6,
+    top_p=0.95, top_k=20, from ``rollout.eval_*``), each overridable by its command-line flag."""
+    from megatron_spo.run.rollout_phase import with_sampling
+
+    r = cfg.rollout
+
+    def pick(flag, default):
+        return default if flag is None else flag
+
+    return with_sampling(r, temperature=pick(args.temperature, r.eval_temperature), top_p=pick(args.top_p, r.eval_top_p),
+                         top_k=pick(args.top_k, r.eval_top_k), max_response_len=args.max_response_len)

@@ -2,8 +2,9 @@
 
 The dataset is split into ``--subsets`` contiguous subsets. For each subset, ``n`` responses per
 prompt are sampled with the initial policy through the same rollout phase (agent loop and reward)
-the trainer uses, with the recipe's validation sampling by default (n=8, T=0.6, top_p=0.95,
-top_k=20). The subset's ``{prompt_key: [scores]}`` is written atomically to ``subset_{i}.json``.
+the trainer uses (reward ``data.reward`` unless ``--reward``), with the recipe's validation sampling
+by default (n = ``algo.spo.offline_n`` = 8; ``rollout.eval_temperature/eval_top_p/eval_top_k`` = 0.6 /
+0.95 / 20). The subset's ``{prompt_key: [scores]}`` is written atomically to ``subset_{i}.json``.
 Subsets whose file exists are skipped, so an interrupted run continues at the next unfinished
 subset. Finally all subsets are merged into ``offline_values.json``, keeping at most ``n`` scores
 per prompt (random subsample, seeded: :func:`~megatron_spo.run.offline_values.merge_scores`).
@@ -29,9 +30,11 @@ from megatron_spo.config import ConfigError, load_config
 from megatron_spo.config_cli import add_config_arguments
 from megatron_spo.data import DataError, PromptRecord, load_prompts
 from megatron_spo.rollout.engine import EngineError
-from megatron_spo.run.engines import add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer
+from megatron_spo.run.engines import (
+    add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer, sampling_from_args,
+)
 from megatron_spo.run.offline_values import Scores, load_scores, merge_scores, save_scores
-from megatron_spo.run.rollout_phase import RolloutPhase, with_sampling
+from megatron_spo.run.rollout_phase import RolloutPhase
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +163,7 @@ def estimate_values(records: Sequence[PromptRecord], phase: RolloutPhase, out_di
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.rollout = with_sampling(cfg.rollout, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    max_response_len=args.max_response_len)
+        cfg.rollout = sampling_from_args(cfg, args)
         n = args.n if args.n is not None else (cfg.algo.spo.offline_n or 8)
         data_path = args.data or cfg.data.train_path
         if not data_path:
@@ -171,7 +173,7 @@ def _main(args: argparse.Namespace) -> int:
         engine = build_engine(cfg)
         try:
             tokenizer = load_tokenizer(cfg, engine)
-            with RolloutPhase(engine, tokenizer, cfg.rollout, reward=args.reward,
+            with RolloutPhase(engine, tokenizer, cfg.rollout, reward=args.reward or cfg.data.reward,
                               max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
                               context_len=context_len(engine)) as phase:
                 summary = estimate_values(data.records, phase, out, subsets=args.subsets, n=n, data_path=str(data_path),

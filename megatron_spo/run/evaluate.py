@@ -3,8 +3,9 @@
 For each benchmark file (parquet / jsonl / json / csv, or an HF ``save_to_disk`` directory; ``--data``
 repeated, or ``data.eval_paths``), every problem gets ``k`` samples through the same rollout phase
 the trainer uses (``rollout.agent`` picks single-turn, SPO ``<code>`` or Hermes tool calls), with the
-validation sampling of the SPO recipe by default (T=0.6, top_p=0.95, top_k=20). Each sample is
-scored by the reward function (``--reward``); a sample counts as correct when its reward is > 0.
+validation sampling of the SPO recipe by default (``rollout.eval_temperature/eval_top_p/eval_top_k``
+= 0.6 / 0.95 / 20; ``rollout.eval_samples`` = 16 samples per problem). Each sample is scored by the
+reward function (``--reward``, default ``data.reward``); it counts as correct when its reward is > 0.
 The answer used for majority voting is the content of the last ``\\boxed{}`` of the response.
 
 Written into the output directory (default ``{io.run_dir}/eval``):
@@ -30,9 +31,11 @@ from megatron_spo.config_cli import add_config_arguments
 from megatron_spo.data import DataError, PromptDataset, load_prompts
 from megatron_spo.rollout.engine import Engine, EngineError
 from megatron_spo.rollout.rewards import last_boxed
-from megatron_spo.run.engines import add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer
+from megatron_spo.run.engines import (
+    add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer, sampling_from_args,
+)
 from megatron_spo.run.eval_metrics import format_table, summarize
-from megatron_spo.run.rollout_phase import RolloutPhase, with_sampling
+from megatron_spo.run.rollout_phase import RolloutPhase
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +117,13 @@ def evaluate_benchmark(name: str, data: PromptDataset, phase: RolloutPhase, k: i
 
 
 def run_eval(cfg: Config, paths: Sequence[str], *, k: int, ks: Optional[Sequence[int]] = None,
-             reward: Any = "spo_strict_boxed", out_dir: Optional[str] = None, limit: Optional[int] = None,
+             reward: Any = None, out_dir: Optional[str] = None, limit: Optional[int] = None,
              engine: Optional[Engine] = None, tool=None, progress: bool = True) -> Dict[str, Any]:
     """Evaluate the benchmark files ``paths`` and write ``eval.txt``, ``eval.json``, ``eval_samples.jsonl``.
 
-    ``cfg.rollout`` holds the sampling already (see :func:`with_sampling`). ``engine`` overrides the
-    one ``cfg`` describes (it is then not closed here); ``tool`` is the code tool of tool-using agents.
+    ``cfg.rollout`` holds the sampling already (see :func:`~megatron_spo.run.rollout_phase.with_sampling`);
+    ``reward`` defaults to ``cfg.data.reward``. ``engine`` overrides the one ``cfg`` describes (it is
+    then not closed here); ``tool`` is the code tool of tool-using agents.
 
     Returns:
         the ``eval.json`` content.
@@ -129,6 +133,7 @@ def run_eval(cfg: Config, paths: Sequence[str], *, k: int, ks: Optional[Sequence
     ks = sorted(set(ks or default_ks(k)))
     if any(x < 1 or x > k for x in ks):
         raise ValueError(f"pass@k values {ks} must lie in [1, k={k}]")
+    reward = reward or cfg.data.reward
     if not paths:
         raise ConfigError("no benchmark files: pass --data FILE (repeatable) or set data.eval_paths")
     datasets = {}
@@ -176,9 +181,9 @@ def run_eval(cfg: Config, paths: Sequence[str], *, k: int, ks: Optional[Sequence
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.rollout = with_sampling(cfg.rollout, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    max_response_len=args.max_response_len)
-        report = run_eval(cfg, args.data or cfg.data.eval_paths, k=args.k, ks=args.pass_k, reward=args.reward,
+        cfg.rollout = sampling_from_args(cfg, args)
+        report = run_eval(cfg, args.data or cfg.data.eval_paths, k=args.k or cfg.rollout.eval_samples, ks=args.pass_k,
+                          reward=args.reward or cfg.data.reward,
                           out_dir=args.out, limit=args.limit, progress=not args.no_progress)
     except (ConfigError, DataError, EngineError, EvalError, ValueError, KeyError, ImportError) as err:
         print(f"eval: error: {err}", file=sys.stderr)
@@ -206,7 +211,7 @@ def register(subparsers) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="FILE",
                         help="benchmark file (parquet/jsonl/json/csv or save_to_disk dir), repeatable; "
                              "default data.eval_paths")
-    parser.add_argument("--k", type=int, default=16, help="samples per problem (default %(default)s)")
+    parser.add_argument("--k", type=int, default=None, help="samples per problem (default rollout.eval_samples = 16)")
     parser.add_argument("--pass-k", type=_ks, default=None, metavar="K1,K2,...",
                         help="pass@k values (default: powers of two below k, and k)")
     add_sampling_arguments(parser)

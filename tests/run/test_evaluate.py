@@ -150,12 +150,14 @@ def test_cli_with_a_server_url(model_dir, tmp_path):
             rc = cli(["eval", "--set", f"model.path={model_dir}", "--set", "rollout.engine=sglang",
                       "--set", f"rollout.urls=[{url}]", "--set", "rollout.max_response_len=5", "--data", str(data),
                       "--k", "2", "--reward", "test_eval_even_text_length", "--out", str(tmp_path / "o"),
-                      "--no-progress"])
+                      "--no-progress", "--set", "rollout.eval_temperature=0.7", "--top-k", "5"])
     finally:
         server_engine.close()
     assert rc == 0
     report = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert report["settings"]["urls"] == [url] and report["benchmarks"]["b"]["errors"] == 0
+    # sampling: the config's eval_* settings, each overridable by its flag
+    assert (report["settings"]["temperature"], report["settings"]["top_p"], report["settings"]["top_k"]) == (0.7, 0.95, 5)
     expected = recompute(tmp_path / "o", rows, 2)
     for name, value in expected.items():
         assert report["benchmarks"]["b"][name] == pytest.approx(value), name
