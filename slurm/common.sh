@@ -180,6 +180,17 @@ mspo_init() {
         source "$MSPO_VENV/bin/activate" || die "cannot activate MSPO_VENV=$MSPO_VENV"
     fi
     trap cleanup_bg EXIT
+    # Each step runs ONE task per node (torchrun, or a node's servers) that needs all of the node's
+    # cores; srun's default of 1 CPU per task would pin 8 trainer processes to one core. srun no longer
+    # inherits --cpus-per-task from sbatch (Slurm >= 22.05), so pass it on explicitly (nodes of a job
+    # are assumed alike).
+    if [[ -z "${SRUN_CPUS_PER_TASK:-}" ]]; then
+        if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+            export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+        elif [[ -n "${SLURM_CPUS_ON_NODE:-}" ]]; then
+            export SRUN_CPUS_PER_TASK=$SLURM_CPUS_ON_NODE
+        fi
+    fi
     log "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (${SLURM_JOB_NUM_NODES:-?} node(s)), restart count ${SLURM_RESTART_COUNT:-0}"
 }
 
@@ -301,8 +312,6 @@ run_training_phase() {
     # Markers left by a job that was killed before the trainer consumed them would stop or requeue this one.
     rm -f "$RUN_DIR/STOP" "$RUN_DIR/PREEMPTED" "$RUN_DIR/TRAIN_FINISHED"
     install_preempt_traps
-    # srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05).
-    [[ -z "${SLURM_CPUS_PER_TASK:-}" ]] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     build_overrides
     local -a step=(--nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --relative="$offset" --kill-on-bad-exit=1)
 

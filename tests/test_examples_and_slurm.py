@@ -175,6 +175,7 @@ STUBS = {
     # would, with SLURM_PROCID and SLURMD_NODENAME of that node; a TERM kills the node processes.
     "srun": r'''
 printf '%q ' "$@" >>"$FAKE_LOG/srun.log"; echo >>"$FAKE_LOG/srun.log"
+echo "${SRUN_CPUS_PER_TASK:-unset}" >>"$FAKE_LOG/srun.cpus"
 nodes=1; rel=0
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in --nodes=*) nodes=${1#*=} ;; --relative=*) rel=${1#*=} ;; esac
@@ -311,9 +312,11 @@ def test_train_sbatch_builds_the_torchrun_command(fake_slurm):
     fake_slurm.run_dir.mkdir()
     (fake_slurm.run_dir / "STOP").touch()
     (fake_slurm.run_dir / "PREEMPTED").touch()
-    rc, out = fake_slurm.run("train.sbatch", {"ROLLOUT_URLS": "http://10.1.0.5:30000,http://10.1.0.5:30010"},
-                             args=["--set", "train.steps=3"])
+    rc, out = fake_slurm.run("train.sbatch", {"ROLLOUT_URLS": "http://10.1.0.5:30000,http://10.1.0.5:30010",
+                                              "SLURM_CPUS_ON_NODE": "96"}, args=["--set", "train.steps=3"])
     assert rc == 0, out
+    # One task per node gets all of the node's cores (srun's default would be one core per task).
+    assert fake_slurm.lines("srun.cpus") == ["96", "96", "96"]
     argv = fake_slurm.argv("gpu01")
     assert argv == fake_slurm.argv("gpu02")  # the same command on both nodes; c10d assigns ranks
     assert argv[:10] == ["--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
