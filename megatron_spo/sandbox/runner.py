@@ -63,6 +63,28 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> Tuple[bytearra
         dropped += max(0, len(chunk) - max(room, 0))
 
 
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return when the main process has exited, whether or not its pipes are still open.
+
+    ``Process.wait()`` also waits for stdout/stderr to close, so a daemonised child holding them would
+    turn a finished run into a timeout. A pidfd becomes readable at exit (before reaping).
+    """
+    if proc.returncode is not None:
+        return
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # already exited and reaped
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, 0)  # not CLOEXEC: passed to bwrap through pass_fds anyway
     view = memoryview(data)
@@ -166,8 +188,8 @@ class Runner:
             )
         except Exception as exc:  # spawn failure is the sandbox's fault, not the code's
             log.exception("sandbox spawn failed")
-            if proc is not None:
-                self._sweep(slot, proc.pid)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
             return api.error_response(f"sandbox could not start the run: {type(exc).__name__}: {exc}")
         finally:
             for fd in fds + cg_fds:
@@ -180,7 +202,7 @@ class Runner:
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout=req.run_timeout)
+                await asyncio.wait_for(_exited(proc), timeout=req.run_timeout)
             except asyncio.TimeoutError:
                 timed_out = True
             elapsed = time.monotonic() - t0

@@ -192,3 +192,36 @@ def test_no_controlling_tty_even_when_server_has_one(tmp_path):
     proc = subprocess.run(["script", "-qec", f"{sys.executable} {prog}", "/dev/null"],
                           capture_output=True, text=True, timeout=60)
     assert "RESULT tty-blocked 6" in proc.stdout, proc.stdout + proc.stderr  # ENXIO: no controlling tty
+
+
+def test_unsafe_mode_runner_still_limits_and_sweeps():
+    """Without bwrap (explicit unsafe mode) the slot uid, rlimits, timeout and the uid sweep still apply."""
+    import asyncio
+
+    import psutil
+
+    from megatron_spo.sandbox.isolation import become_subreaper
+    from megatron_spo.sandbox.runner import Runner, RunnerConfig
+
+    if os.geteuid() != 0:
+        pytest.skip("the per-slot uid needs root")
+    become_subreaper()  # as the server does, so the swept daemon's zombie is reaped here
+    uid = 61320
+    runner = Runner(RunnerConfig(bwrap=None, uid_base=uid))
+    token = f"{os.getpid()}.25"
+    code = (
+        "import os, subprocess\n"
+        f"subprocess.Popen(['sleep', '{token}'], start_new_session=True)\n"  # escapes the process group
+        "print(os.getuid(), open('data.txt').read())\n"
+    )
+    req = api.parse_request({"code": code, "files": {"data.txt": base64.b64encode(b"hi").decode()}}, LIM)
+    resp = asyncio.run(runner.run(req, 0))
+    assert resp["status"] == "Success", resp
+    assert resp["run_result"]["stdout"] == f"{uid} hi\n"
+    survivors = [p.pid for p in psutil.process_iter(["cmdline"]) if token in " ".join(p.info["cmdline"] or [])]
+    assert survivors == []
+    loop = api.parse_request({"code": "while True:\n    pass", "run_timeout": 1}, LIM)
+    resp = asyncio.run(runner.run(loop, 0))
+    assert resp["run_result"]["status"] == "TimeLimitExceeded"
+    mem = api.parse_request({"code": "x = bytearray(3 * 1024**3)", "memory_limit_MB": 512}, LIM)
+    assert "MemoryError" in asyncio.run(runner.run(mem, 0))["run_result"]["stderr"]
