@@ -98,6 +98,15 @@ class Fleet:
         launcher = LocalServers(model_dir, n, kind=kind, client_kwargs=client_kwargs)
         return cls(launcher.start(), launcher=launcher, **kwargs)
 
+    @classmethod
+    def ray(cls, model_dir: str, n: int, kind: str = "sglang", client_kwargs: Optional[dict] = None,
+            ray_kwargs: Optional[dict] = None, **kwargs) -> "Fleet":
+        """``n`` servers placed and supervised by Ray, one actor each (``ray`` extra)."""
+        from megatron_spo.rollout.ray_fleet import RayServers
+
+        launcher = RayServers(model_dir, n, kind=kind, client_kwargs=client_kwargs, **(ray_kwargs or {}))
+        return cls(launcher.start(), launcher=launcher, **kwargs)
+
     # ------------------------------------------------------------------------------- protocol
 
     @property
