@@ -12,7 +12,15 @@ import sys
 from typing import List, Optional
 
 # Modules that provide sub-commands, in the order `--help` lists them.
-SUBCOMMAND_MODULES: List[str] = ["megatron_spo.demo", "megatron_spo.config_cli", "megatron_spo.run.preflight"]
+SUBCOMMAND_MODULES: List[str] = [
+    "megatron_spo.demo",
+    "megatron_spo.train_cli",
+    "megatron_spo.run.evaluate",
+    "megatron_spo.run.estimate_values",
+    "megatron_spo.sandbox.cli",
+    "megatron_spo.run.preflight",
+    "megatron_spo.config_cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ One step, in the order of spec §1.9 (DESIGN.md "The loop"); each line is one ca
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_spo.config import Config, ConfigError, load_config
+from megatron_spo.config import Config
 from megatron_spo.run import collectives, spo_state, train_batch
 from megatron_spo.run.metrics_log import MetricsLogger, plot_metrics
 from megatron_spo.run.preemption import PreemptionFlag
@@ -278,27 +277,7 @@ def train(cfg: Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_spo.config_cli import add_config_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m megatron_spo.train", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
-    parser.add_argument("--resume", default=None, help="'auto' (default from io.resume), 'none' or a checkpoint dir")
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = list(args.overrides) + ([f"io.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter bucket
-    return train(cfg)
-
-
 if __name__ == "__main__":
+    from megatron_spo.train_cli import main
+
     sys.exit(main())
