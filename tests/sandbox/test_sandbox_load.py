@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sandbox_fusion import RunCodeRequest, RunStatus, run_code_async
 
-sandbox_fusion = pytest.importorskip("sandbox_fusion")
-from sandbox_fusion import RunCodeRequest, RunStatus, run_code_async  # noqa: E402
-
-from megatron_spo.sandbox.client import SandboxClient  # noqa: E402
+from megatron_spo.sandbox.client import SandboxClient
 
 
 async def _burst(url: str, n: int):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
-
-sandbox_fusion = pytest.importorskip("sandbox_fusion")
-from sandbox_fusion import CommandRunStatus, RunCodeRequest, RunStatus, run_code  # noqa: E402
+from sandbox_fusion import CommandRunStatus, RunCodeRequest, RunStatus, run_code
 
 
 def _run(server, **kw):
