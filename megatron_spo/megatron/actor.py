@@ -75,13 +75,13 @@ class MegatronActor:
         loss: the policy loss (``LossSettings``).
         micro_batch_tokens: token budget of one padded micro-batch (rows x longest row).
         temperature: logits are divided by it before log-softmax (match the rollout sampler).
-        params_dtype, aux_loss_coef, use_te: passed to ``build_model``.
+        params_dtype, aux_loss_coef, use_te, sequence_parallel: passed to ``build_model`` (SP: GPU only).
     """
 
     def __init__(
         self, hf_config: Any, *, optim: Optional[OptimSettings] = None, loss: Optional[LossSettings] = None,
         micro_batch_tokens: int = 16384, temperature: float = 1.0, params_dtype: torch.dtype = torch.float32,
-        aux_loss_coef: float = 0.0, use_te: Optional[bool] = None,
+        aux_loss_coef: float = 0.0, use_te: Optional[bool] = None, sequence_parallel: bool = False,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
@@ -91,7 +91,10 @@ class MegatronActor:
         self.loss = loss or LossSettings()
         self.micro_batch_tokens = micro_batch_tokens
         self.temperature = temperature
-        chunks = build_model(self.hf_config, params_dtype=params_dtype, aux_loss_coef=aux_loss_coef, use_te=use_te)
+        chunks = build_model(self.hf_config, params_dtype=params_dtype, aux_loss_coef=aux_loss_coef, use_te=use_te,
+                             sequence_parallel=sequence_parallel)
+        # Sequence parallelism shards the sequence over TP ranks: micro-batch widths must divide.
+        self.width_multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
         self.optimizer = self.scheduler = None
         if optim is not None:
             chunks = wrap_ddp(chunks, distributed_optimizer=optim.distributed_optimizer)
@@ -130,7 +133,7 @@ class MegatronActor:
                 dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
             if int(count) != len(groups):
                 groups = batching.balance_to_count(lengths, int(count))
-        mbs = batching.make_micro_batches(batch, groups)
+        mbs = batching.make_micro_batches(batch, groups, width_multiple=self.width_multiple)
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
 
     # ------------------------------------------------------------------------------------------

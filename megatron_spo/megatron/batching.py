@@ -98,9 +98,12 @@ def balance_to_count(lengths: Sequence[int], count: int) -> List[List[int]]:
     return groups
 
 
-def make_micro_batches(batch: Dict[str, torch.Tensor], groups: Sequence[Sequence[int]]) -> List[Dict[str, torch.Tensor]]:
+def make_micro_batches(batch: Dict[str, torch.Tensor], groups: Sequence[Sequence[int]],
+                       width_multiple: int = 1) -> List[Dict[str, torch.Tensor]]:
     """Slice ``batch`` into micro-batches (rows in the given index order), trimmed to their longest row.
 
+    ``width_multiple``: round each micro-batch's width up to a multiple (sequence parallelism needs
+    the sequence divisible by the TP size); extra columns are zero padding with loss_mask 0.
     Each micro-batch also carries ``rows`` [b] (its row indices in ``batch``) and ``position_ids``.
     """
     out = []
@@ -109,7 +112,10 @@ def make_micro_batches(batch: Dict[str, torch.Tensor], groups: Sequence[Sequence
             raise ValueError(f"micro-batch {k} is empty (no sequences)")
         rows = torch.as_tensor(list(group), dtype=torch.long)
         width = int(batch["lengths"][rows].max())
+        width = -(-width // width_multiple) * width_multiple
         mb = {key: batch[key][rows, :width] for key in PER_TOKEN_KEYS if batch.get(key) is not None}
+        if width > batch["input_ids"].shape[1]:  # only with width_multiple > 1
+            mb = {key: torch.nn.functional.pad(v, (0, width - v.shape[1])) for key, v in mb.items()}
         mb["lengths"] = batch["lengths"][rows]
         mb["rows"] = rows
         mb["position_ids"] = torch.arange(width).unsqueeze(0).expand(len(group), width)
@@ -122,7 +128,8 @@ def scatter_rows(parts: Sequence[torch.Tensor], micro_batches: Sequence[Dict[str
     """Reassemble per-micro-batch [b, t] results into a zero-padded [B, T] tensor in batch row order."""
     out = torch.zeros(tuple(shape), dtype=parts[0].dtype)
     for part, mb in zip(parts, micro_batches):
-        out[mb["rows"], : part.shape[1]] = part
+        width = min(part.shape[1], out.shape[1])  # SP rounding may have widened a micro-batch
+        out[mb["rows"], :width] = part[:, :width]
     return out
 
 

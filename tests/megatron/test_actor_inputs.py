@@ -229,3 +229,13 @@ def test_pytest_process_is_not_patched():
     # The shims never leak into a process that did not ask for them (here: the test runner).
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")
+
+
+def test_sequence_parallel_width_rounding_pads_with_masked_zeros():
+    b = _batch([3, 7], width=7)
+    b["input_ids"] = torch.arange(1, 15).view(2, 7)
+    (mb,) = batching.make_micro_batches(b, [[0, 1]], width_multiple=4)
+    assert mb["input_ids"].shape == (2, 8)
+    assert mb["input_ids"][:, 7].tolist() == [0, 0] and mb["loss_mask"][:, 7].tolist() == [0.0, 0.0]
+    back = batching.scatter_rows([mb["input_ids"]], [mb], (2, 7))
+    assert torch.equal(back[1], b["input_ids"][1])

@@ -58,8 +58,13 @@ def _full(actor, hf_dir):
     return {name: t.clone() for name, t in iter_hf_tensors(actor.model, hf_dir)}
 
 
-def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48):
-    """Score, forward-backward, gather grads, one clipped SGD step, gather params (one layout)."""
+def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48, *, use_te=None,
+                distributed_optimizer=False, gather_grads=True):
+    """Score, forward-backward, gather grads, one clipped SGD step, gather params (one layout).
+
+    ``gather_grads=False`` for the distributed optimizer, whose main_grad buffers hold only this
+    rank's reduce-scattered shard after the backward.
+    """
     import megatron_spo.algos  # noqa: F401  (fills the loss registry)
     from megatron.core import parallel_state as ps
 
@@ -72,21 +77,26 @@ def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48
 
     cfg = load_hf_config(hf_dir)
     dp = initialize_parallel(sizes, hf_config=cfg, seed=7)
-    actor = MegatronActor(cfg, optim=OptimSettings(lr=LR, clip_grad=CLIP, optimizer="sgd"),
-                          loss=LossSettings(name="ppo"), micro_batch_tokens=micro_batch_tokens)
+    actor = MegatronActor(cfg, optim=OptimSettings(lr=LR, clip_grad=CLIP, optimizer="sgd",
+                                                   distributed_optimizer=distributed_optimizer),
+                          loss=LossSettings(name="ppo"), micro_batch_tokens=micro_batch_tokens, use_te=use_te,
+                          sequence_parallel=sizes.sequence_parallel)
     load_hf_weights(actor.model, hf_dir)
     local = shard_for_data_parallel(batch, ps.get_data_parallel_rank(), dp)
     scored = actor.score(local)
     metrics = actor.forward_backward(local, groups)
-    with _grads_as_params(actor):
-        grads = _full(actor, hf_dir)
+    grads = None
+    if gather_grads:
+        with _grads_as_params(actor):
+            grads = _full(actor, hf_dir)
     step = actor.optimizer_step()
     params = _full(actor, hf_dir)
     # Reassemble per-row log-probs over DP ranks.
     logp = [None] * dp
     torch.distributed.all_gather_object(logp, scored["logp"], group=ps.get_data_parallel_group())
-    return {"logp": torch.cat(logp), "loss": float(metrics["loss"]), "grads": grads, "params": params,
-            "grad_norm": step["grad_norm"]}
+    return {"logp": torch.cat(logp).cpu(), "loss": float(metrics["loss"]),
+            "grads": grads and {k: v.float().cpu() for k, v in grads.items()},
+            "params": {k: v.float().cpu() for k, v in params.items()}, "grad_norm": step["grad_norm"]}
 
 
 def _max_diff(a, b):
