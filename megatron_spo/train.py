@@ -82,7 +82,7 @@ def setup(cfg: Config) -> Run:
         run.engine = build_engine(cfg)
         run.phase = RolloutPhase(run.engine, run.tokenizer, cfg.rollout, reward=cfg.data.reward,
                                  max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
-                                 context_len=context_len(run.engine))
+                                 context_len=context_len(run.engine), seed=cfg.train.seed)
         if cfg.data.eval_paths and cfg.train.eval_every:
             from megatron_spo.run.validation import Validator
 

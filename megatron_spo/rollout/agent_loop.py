@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +66,9 @@ class AgentLoopConfig:
             and continues from them; "restart" drops them and regenerates the turn.
         max_aborts: aborts tolerated per turn before ``EngineError``.
         add_answer_format: append ``ANSWER_FORMAT`` to the problem unless it already ends with it.
+        seed: when set, every engine call gets its own sampling seed derived from (seed, sample uid,
+            tokens so far), so a sample's tokens do not depend on how the engine batched requests or
+            on what ran before: reruns and resumed runs reproduce the same rollouts.
     """
 
     max_response_len: int = 8192
@@ -81,6 +85,7 @@ class AgentLoopConfig:
     on_abort: str = "resume"
     max_aborts: int = 8
     add_answer_format: bool = True
+    seed: Optional[int] = None
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +129,11 @@ def room_for_turn(sample: Sample, cfg: AgentLoopConfig) -> int:
     return room
 
 
+def call_seed(seed: int, uid: str, position: int) -> int:
+    """A 31-bit sampling seed for one engine call of sample ``uid`` starting at token ``position``."""
+    return zlib.crc32(f"{seed}|{uid}|{position}".encode()) & 0x7FFFFFFF
+
+
 async def generate_turn(engine: Engine, ids: List[int], sampling: SamplingParams, sample: Sample,
                         cfg: AgentLoopConfig) -> Tuple[List[int], List[float], str]:
     """One assistant turn: ids, log-probs and engine finish reason ("stop" or "length").
@@ -148,6 +158,8 @@ async def generate_turn(engine: Engine, ids: List[int], sampling: SamplingParams
     aborts = 0
     while True:
         params = replace(sampling, max_new_tokens=sampling.max_new_tokens - len(turn_ids))
+        if cfg.seed is not None:
+            params = replace(params, seed=call_seed(cfg.seed, sample.uid, len(ids) + len(turn_ids)))
         start_version = _version_of(engine)
         try:
             res = await asyncio.wait_for(engine.agenerate(ids + turn_ids, params), cfg.engine_timeout_s)

@@ -106,16 +106,17 @@ class SingleTurnLoop:
 
 
 def loop_config(cfg: RolloutConfig, *, max_prompt_len: Optional[int] = None,
-                context_len: Optional[int] = None) -> AgentLoopConfig:
+                context_len: Optional[int] = None, seed: Optional[int] = None) -> AgentLoopConfig:
     """The agent-loop limits and sampling of ``cfg`` (``rollout.*``).
 
-    ``context_len`` is the engine's context window in tokens (prompt + response), when known.
+    ``context_len`` is the engine's context window in tokens (prompt + response), when known;
+    ``seed`` makes every sample's sampling reproducible (see ``AgentLoopConfig.seed``).
     """
     return AgentLoopConfig(
         max_response_len=cfg.max_response_len, max_assistant_turns=cfg.max_assistant_turns,
         max_user_turns=cfg.max_user_turns, tool_response_max_chars=cfg.tool_response_max_chars,
         max_prompt_len=max_prompt_len, context_len=context_len, temperature=cfg.temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, engine_timeout_s=cfg.request_timeout_s,
+        top_k=cfg.top_k, engine_timeout_s=cfg.request_timeout_s, seed=seed,
     )
 
 
@@ -157,11 +158,12 @@ class RolloutPhase:
         context_len: engine context window in tokens, when known (prompts must leave room in it).
         tool: a CodeTool for the tool loops (default: SandboxFusion at ``cfg.sandbox_url``).
         max_retries: restarts of a sample after an engine error or timeout before it is reported failed.
+        seed: per-sample sampling seeds (reproducible rollouts whatever the engine's batching).
     """
 
     def __init__(self, engine: Engine, tokenizer, cfg: RolloutConfig, *, reward: Any = "spo_strict_boxed",
                  max_prompt_len: Optional[int] = None, skip_bad_rows: bool = False,
-                 context_len: Optional[int] = None, tool=None, max_retries: int = 2):
+                 context_len: Optional[int] = None, tool=None, max_retries: int = 2, seed: Optional[int] = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -171,7 +173,8 @@ class RolloutPhase:
         self.skip_bad_rows = skip_bad_rows
         self.max_retries = max_retries
         self.loop = build_agent_loop(cfg.agent, tokenizer,
-                                     loop_config(cfg, max_prompt_len=max_prompt_len, context_len=context_len),
+                                     loop_config(cfg, max_prompt_len=max_prompt_len, context_len=context_len,
+                                                 seed=seed),
                                      tool=tool, sandbox_url=cfg.sandbox_url)
         self._event_loop: Optional[asyncio.AbstractEventLoop] = None
         self._calls = 0

@@ -27,7 +27,7 @@ class Validator:
         sampling = with_sampling(r, temperature=r.eval_temperature, top_p=r.eval_top_p, top_k=r.eval_top_k)
         self.phase = RolloutPhase(engine, tokenizer, sampling, reward=cfg.data.reward,
                                   max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
-                                  context_len=context_len)
+                                  context_len=context_len, seed=cfg.train.seed)
 
     def run(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
