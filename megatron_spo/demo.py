@@ -88,11 +88,12 @@ def demo_overrides(run_dir: Path, model_dir: Path, data: Path, algo: str, steps:
         f"model.path={model_dir}", f"data.train_path={data}", f"data.reward={DEMO_REWARD}",
         f"io.run_dir={run_dir / 'train'}", f"train.steps={steps}", "train.updates_per_step=2",
         "train.save_every=50", "train.micro_batch_tokens=4096", "rollout.max_response_len=8",
-        "rollout.max_concurrency=64", "model.max_seq_len=256", "optim.lr=1e-3", "optim.clip_grad=1.0",
+        "rollout.max_concurrency=64", "model.max_seq_len=256", "optim.lr=1e-3", "optim.lr_schedule=cosine", "optim.min_lr=1e-4",
+        "optim.clip_grad=1.0",
         "algo.spo.pool_size=100", "io.tensorboard=true",
         # validation on all 100 problems at the training temperature: the honest "did it learn" curve
         f"data.eval_paths=[{data}]", "rollout.eval_temperature=1.0", "rollout.eval_top_p=1.0",
-        "rollout.eval_top_k=-1", "rollout.eval_samples=4", "train.eval_every=50",
+        "rollout.eval_top_k=-1", "rollout.eval_samples=8", "train.eval_every=50",
     ]
     if algo == "spo":
         out += ["algo.advantage=spo", "train.prompts_per_step=32"]
@@ -123,10 +124,10 @@ def main(args: argparse.Namespace) -> int:
     warm, data = prepare(run_dir, warm_steps=args.warm_steps, warm_lr=args.warm_lr, seed=args.seed)
     overrides = demo_overrides(run_dir, warm, data, args.algo, args.steps) + list(args.overrides)
     code = train(load_config(None, overrides))
-    curve = [(r["step"], r["eval/train/avg@4"]) for r in read_metrics(run_dir / "train" / "metrics.jsonl")
-             if "eval/train/avg@4" in r]
+    curve = [(r["step"], r["eval/train/avg@8"]) for r in read_metrics(run_dir / "train" / "metrics.jsonl")
+             if "eval/train/avg@8" in r]
     if curve:
-        print(f"eval avg@4 on all {len(problems())} problems (T=1.0): {curve[0][1]:.3f} at the start -> "
+        print(f"eval avg@8 on all {len(problems())} problems (T=1.0): {curve[0][1]:.3f} at the start -> "
               f"{curve[-1][1]:.3f} after step {curve[-1][0] + 1}", flush=True)
     return code
 
@@ -135,7 +136,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="train a tiny model with SPO (or GRPO) on a toy arithmetic task, on CPU, in minutes")
     parser.add_argument("--algo", choices=("spo", "grpo"), default="spo", help="advantage estimator (default spo)")
-    parser.add_argument("--steps", type=int, default=400, help="RL steps (default 400)")
+    parser.add_argument("--steps", type=int, default=500, help="RL steps (default 500)")
     parser.add_argument("--run-dir", default="runs/demo", help="where models, data and metrics go")
     parser.add_argument("--warm-steps", type=int, default=110, help="supervised warm-start steps (default 110)")
     parser.add_argument("--warm-lr", type=float, default=3e-3)
