@@ -119,12 +119,15 @@ def _rank_object(data: Any):
     return ShardedObject(_RANK_KEY, data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _shared_path(path: Optional[Path]) -> Optional[Path]:
-    """Rank 0's choice, so every rank reads the same directory even if the filesystem races."""
-    box = [str(path) if path is not None else None]
+def _shared_path(path: Optional[Path], error: Optional[BaseException] = None) -> Optional[Path]:
+    """Rank 0's choice (or its error, raised on every rank), so all ranks agree on one directory."""
+    box = [(str(path) if path is not None else None, error)]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] is not None else None
+    chosen, err = box[0]
+    if err is not None:
+        raise err
+    return Path(chosen) if chosen is not None else None
 
 
 def save_checkpoint(
@@ -190,8 +193,13 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    chosen = cdir.find_resumable(path) if dist.get_rank() == 0 else None
-    chosen = _shared_path(chosen)
+    chosen, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            chosen = cdir.find_resumable(path)
+        except (cdir.IncompleteCheckpointError, cdir.NoCheckpointError) as err:
+            error = err
+    chosen = _shared_path(chosen, error)
     if chosen is None:
         return None
     ddir = str(chosen / "dist")
