@@ -21,7 +21,7 @@ model, only the tensors of its own parameters, builds each full Megatron tensor 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,8 @@ def model_dims(model, hf_config: Any) -> mapping.ModelDims:
 
 
 @torch.no_grad()
-def load_hf_weights(model, source: Any, hf_config: Any = None) -> int:
+def load_hf_weights(model, source: Any, hf_config: Any = None, *,
+                    progress: Optional[Callable[[str], None]] = None) -> int:
     """Copy HF weights into this rank's shards of ``model``; returns the number of parameters set.
 
     Args:
@@ -110,6 +111,7 @@ def load_hf_weights(model, source: Any, hf_config: Any = None) -> int:
         source: a HF directory (safetensors), a transformers model, or a state dict.
         hf_config: the HF config (dict / PretrainedConfig / path); defaults to ``source`` when it is
             a directory, or ``source.config`` for a transformers model.
+        progress: called with each Megatron parameter name once it is loaded (e.g. a tqdm update).
 
     Raises:
         KeyError: a tensor the mapping needs is missing from ``source`` (named).
@@ -130,6 +132,8 @@ def load_hf_weights(model, source: Any, hf_config: Any = None) -> int:
                              f"the model parameter has {tuple(param.shape)} (tp rank {rank}/{size})")
         param.data.copy_(part)
         count += 1
+        if progress is not None:
+            progress(gname)
     return count
 
 
@@ -179,6 +183,11 @@ def iter_hf_tensors(model, hf_config: Any, *, dtype: Optional[torch.dtype] = Non
             dist.broadcast(full.contiguous() if dist.get_rank() == src else full, src=src)
         for hf_name, t in mapping.mcore_to_hf(entry, full, dims):
             yield hf_name, (t if dtype is None else t.to(dtype))
+
+
+def num_hf_tensors(hf_config: Any) -> int:
+    """How many HF tensors :func:`iter_hf_tensors` yields for this config (for progress bars)."""
+    return sum(len(e.hf) for e in mapping.entries(mapping.dims_from_hf_config(_hf_dict(hf_config))))
 
 
 def export_hf_weights(model, hf_config: Any, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,

@@ -130,6 +130,10 @@ def mode_reference_then_interrupted(out: dict, hf_dir: str, root: str) -> None:
             Path(sys.argv[2]).write_text(json.dumps(out))
 
             def die(*a, **k):  # killed after the dist files were written, before the manifest
+                import multiprocessing
+
+                # dist_checkpointing's writer-queue manager outlives us; the test kills it by pid.
+                Path(sys.argv[2] + ".orphans").write_text(json.dumps([c.pid for c in multiprocessing.active_children()]))
                 os._exit(9)
 
             cdir.write_manifest = die

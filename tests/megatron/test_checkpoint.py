@@ -28,8 +28,9 @@ def _torchrun(nproc: int, *args: str, log: Path, expect_ok: bool = True) -> None
     """Run the worker under torchrun in its own process group, then kill what is left of that group.
 
     A worker killed mid-run leaves dist_checkpointing's writer-queue manager process orphaned (as a
-    preempted job would; Slurm reaps the cgroup); here the process group is ours to clean up. Output
-    goes to a file, not a pipe, so an orphan holding the pipe cannot hang the test.
+    preempted job would; Slurm reaps the cgroup). torchrun puts workers in their own sessions, so the
+    worker reports that manager's pid and the fixture kills it. Output goes to a file, not a pipe, so
+    an orphan holding the pipe cannot hang the test.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *args]
@@ -53,6 +54,11 @@ def runs(tmp_path_factory):
     root, tp2_root = tmp / "run", tmp / "run_tp2"
     first, tp2, resume = tmp / "first.json", tmp / "tp2.json", tmp / "resume.json"
     _torchrun(1, "interrupted", str(first), hf, str(root), log=tmp / "first.log", expect_ok=False)
+    for pid in json.loads(Path(str(first) + ".orphans").read_text()):
+        try:
+            os.kill(pid, signal.SIGKILL)  # the killed worker's multiprocessing manager
+        except ProcessLookupError:
+            pass
     after_kill = sorted(p.name for p in root.iterdir())
     _torchrun(2, "tp2", str(tp2), hf, str(tp2_root), log=tmp / "tp2.log")
     _torchrun(1, "resume", str(resume), hf, str(root), str(tp2_root), log=tmp / "resume.log")
