@@ -28,7 +28,7 @@ import asyncio
 import re
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from megatron_spo.rollout.code_tool import CodeTool, interpreter_block, truncate_middle, wrap_last_line_print
 from megatron_spo.rollout.engine import Engine, EngineError, SamplingParams
@@ -127,6 +127,32 @@ def room_for_turn(sample: Sample, cfg: AgentLoopConfig) -> int:
     if cfg.context_len is not None:
         room = min(room, cfg.context_len - len(sample.prompt_ids) - len(sample.response_ids))
     return room
+
+
+def start_sample(request: RolloutRequest, group_index: int, prompt_ids: List[int]) -> Sample:
+    """The empty trajectory of replica ``group_index`` of ``request``."""
+    sample = Sample(uid=f"{request.uid}/{group_index}", request_uid=request.uid, group_index=group_index,
+                    key=request.key, ground_truth=request.ground_truth, meta=dict(request.meta))
+    sample.prompt_ids = list(prompt_ids)
+    return sample
+
+
+async def model_turn(engine: Engine, sample: Sample, cfg: AgentLoopConfig,
+                     sampling: Callable[[int], SamplingParams]) -> Optional[Tuple[List[int], str]]:
+    """Generate the next assistant turn into ``sample`` (tokens, log-probs, turn count).
+
+    Returns ``(turn ids, engine finish reason)``, or None when the budget leaves no room for a turn
+    (``sample.finish_reason`` is then "length"). ``sampling(room)`` builds the turn's settings.
+    """
+    room = room_for_turn(sample, cfg)
+    if room <= 0:
+        sample.finish_reason = "length"
+        return None
+    ids, lps, finish_reason = await generate_turn(
+        engine, sample.prompt_ids + sample.response_ids, sampling(room), sample, cfg)
+    sample.append_model_tokens(ids, lps)
+    sample.assistant_turns += 1
+    return ids, finish_reason
 
 
 def call_seed(seed: int, uid: str, position: int) -> int:
@@ -270,20 +296,14 @@ class SPOCodeAgentLoop:
             EngineError: engine failures (the scheduler retries or reports them per sample).
         """
         cfg = self.cfg
-        sample = Sample(uid=f"{request.uid}/{group_index}", request_uid=request.uid, group_index=group_index,
-                        key=request.key, ground_truth=request.ground_truth, meta=dict(request.meta))
-        sample.prompt_ids = self.prompt_ids(request)
+        sample = start_sample(request, group_index, self.prompt_ids(request))
         if not check_prompt(sample, cfg):
             return sample
         while True:
-            room = room_for_turn(sample, cfg)
-            if room <= 0:
-                sample.finish_reason = "length"
+            turn = await model_turn(engine, sample, cfg, self.sampling)
+            if turn is None:
                 break
-            ids, lps, engine_finish = await generate_turn(
-                engine, sample.prompt_ids + sample.response_ids, self.sampling(room), sample, cfg)
-            sample.append_model_tokens(ids, lps)
-            sample.assistant_turns += 1
+            ids, engine_finish = turn
             if engine_finish == "length" or len(sample.response_ids) >= cfg.max_response_len:
                 sample.finish_reason = "length"
                 break

@@ -26,7 +26,7 @@ import re
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from megatron_spo.rollout.agent_loop import (
-    AgentLoopConfig, call_tool, check_prompt, finish, generate_turn, render_prompt_ids, room_for_turn,
+    AgentLoopConfig, call_tool, check_prompt, finish, model_turn, start_sample,
 )
 from megatron_spo.rollout.code_tool import CodeTool, truncate_middle, wrap_last_line_print
 from megatron_spo.rollout.engine import Engine, SamplingParams
@@ -124,21 +124,15 @@ class HermesToolAgentLoop:
 
     async def run(self, engine: Engine, request: RolloutRequest, group_index: int = 0) -> Sample:
         cfg = self.cfg
-        sample = Sample(uid=f"{request.uid}/{group_index}", request_uid=request.uid, group_index=group_index,
-                        key=request.key, ground_truth=request.ground_truth, meta=dict(request.meta))
-        sample.prompt_ids = self.prompt_ids(request)
+        sample = start_sample(request, group_index, self.prompt_ids(request))
         conv = [dict(m) for m in request.messages]
         if not check_prompt(sample, cfg):
             return sample
         while True:
-            room = room_for_turn(sample, cfg)
-            if room <= 0:
-                sample.finish_reason = "length"
+            turn = await model_turn(engine, sample, cfg, self.sampling)
+            if turn is None:
                 break
-            ids, lps, engine_finish = await generate_turn(
-                engine, sample.prompt_ids + sample.response_ids, self.sampling(room), sample, cfg)
-            sample.append_model_tokens(ids, lps)
-            sample.assistant_turns += 1
+            ids, engine_finish = turn
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             content = text[: -len(self.eos_text)] if self.eos_text and text.endswith(self.eos_text) else text
             conv.append({"role": "assistant", "content": content})

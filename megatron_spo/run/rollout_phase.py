@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from megatron_spo.config import RolloutConfig
 from megatron_spo.data import DataError, PromptRecord
 from megatron_spo.rollout.agent_loop import (
-    AgentLoopConfig, SPOCodeAgentLoop, check_prompt, finish, generate_turn, render_prompt_ids, room_for_turn,
+    AgentLoopConfig, SPOCodeAgentLoop, check_prompt, finish, model_turn, render_prompt_ids, start_sample,
 )
 from megatron_spo.rollout.engine import Engine, SamplingParams
 from megatron_spo.rollout.reward_registry import RewardManager
@@ -90,18 +90,13 @@ class SingleTurnLoop:
                               top_k=self.cfg.top_k, stop_token_ids=(eos,) if eos is not None else ())
 
     async def run(self, engine: Engine, request: RolloutRequest, group_index: int = 0) -> Sample:
-        sample = Sample(uid=f"{request.uid}/{group_index}", request_uid=request.uid, group_index=group_index,
-                        key=request.key, ground_truth=request.ground_truth, meta=dict(request.meta))
-        sample.prompt_ids = self.prompt_ids(request)
+        sample = start_sample(request, group_index, self.prompt_ids(request))
         if not check_prompt(sample, self.cfg):
             return sample
-        room = room_for_turn(sample, self.cfg)
-        if room <= 0:
+        turn = await model_turn(engine, sample, self.cfg, self.sampling)
+        if turn is None:
             return sample.fail(f"sample {sample.uid}: no room left to generate (prompt {len(sample.prompt_ids)} tokens)")
-        ids, lps, reason = await generate_turn(engine, sample.prompt_ids, self.sampling(room), sample, self.cfg)
-        sample.append_model_tokens(ids, lps)
-        sample.assistant_turns = 1
-        sample.finish_reason = "length" if reason == "length" else "stop"
+        sample.finish_reason = "length" if turn[1] == "length" else "stop"
         return finish(sample, self.tokenizer)
 
 

@@ -8,7 +8,7 @@ inputs all-gathered from the data-parallel shards). So any rank's ``state_dict``
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
