@@ -95,7 +95,14 @@ class MegatronActor:
                              sequence_parallel=sequence_parallel)
         # Sequence parallelism shards the sequence over TP ranks: micro-batch widths must divide.
         self.width_multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        self._vpp_multiple = (parallel_state.get_pipeline_model_parallel_world_size()
+                              if len(chunks) > 1 else 1)
         self.optimizer = self.scheduler = None
+        if optim is not None and len(chunks) > 1:
+            # Scoring with virtual pipeline stages matches the single-process log-probs on CPU, but a
+            # training step did not (loss/grad mismatch, not yet diagnosed): refuse rather than train wrong.
+            raise NotImplementedError("training with virtual pipeline stages (vpp) is not supported yet; "
+                                      "use vpp only for forward-only actors, or pp without vpp")
         if optim is not None:
             chunks = wrap_ddp(chunks, distributed_optimizer=optim.distributed_optimizer)
             self.optimizer, self.scheduler = build_optimizer(chunks, optim)
@@ -122,18 +129,32 @@ class MegatronActor:
 
         Ranks that exchange activations inside a forward (the expert-parallel group) must run the
         same number of micro-batches: the count is made equal across the DP group (MAX), then rows
-        are rebalanced into exactly that many micro-batches.
+        are rebalanced into exactly that many micro-batches. With virtual pipeline stages the
+        micro-batches are equal-sized, padded to the batch's longest row, and their count is a
+        multiple of pp (constraints of megatron's interleaved schedule).
         """
         batching.validate_batch(batch, self.max_positions)
         lengths = batch["lengths"].tolist()
+        fixed_width = None
         if groups is None:
             groups = batching.split_by_token_budget(lengths, self.micro_batch_tokens)
             count = torch.tensor([len(groups)], dtype=torch.long, device=self.device)
             if dist.is_initialized() and self.ps.get_data_parallel_world_size() > 1:
                 dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
-            if int(count) != len(groups):
-                groups = batching.balance_to_count(lengths, int(count))
-        mbs = batching.make_micro_batches(batch, groups, width_multiple=self.width_multiple)
+            count = int(count)
+            if self._vpp_multiple > 1:
+                groups = batching.equal_groups(lengths, count, self._vpp_multiple)
+            elif count != len(groups):
+                groups = batching.balance_to_count(lengths, count)
+        if self._vpp_multiple > 1:
+            # megatron's interleaved schedule exchanges fixed [seq, rows, hidden] shapes between
+            # virtual stages (it does not support variable_seq_lengths), so every micro-batch gets
+            # the same rows and width, and the count is a multiple of pp.
+            if len(groups) % self._vpp_multiple or len({len(g) for g in groups}) != 1:
+                raise ValueError(f"with virtual pipeline stages micro-batches need equal sizes and a count that is "
+                                 f"a multiple of pp={self._vpp_multiple}; got sizes {[len(g) for g in groups]}")
+            fixed_width = max(lengths)
+        mbs = batching.make_micro_batches(batch, groups, width_multiple=self.width_multiple, width=fixed_width)
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
 
     # ------------------------------------------------------------------------------------------

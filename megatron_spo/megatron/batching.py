@@ -98,12 +98,31 @@ def balance_to_count(lengths: Sequence[int], count: int) -> List[List[int]]:
     return groups
 
 
+def equal_groups(lengths: Sequence[int], min_count: int, multiple: int) -> List[List[int]]:
+    """Equal-sized micro-batches (longest rows together) whose count is a multiple of ``multiple``.
+
+    The count is the smallest ``c >= min_count`` with ``c % multiple == 0`` that divides the number
+    of rows. Needed by megatron's interleaved (virtual pipeline) schedule.
+    """
+    n = len(lengths)
+    count = max(multiple, -(-min_count // multiple) * multiple)
+    while count <= n and n % count:
+        count += multiple
+    if count > n:
+        raise ValueError(f"{n} sequences cannot be split into equal micro-batches whose count is a multiple of "
+                         f"{multiple} and >= {min_count} (virtual pipeline); use a batch size divisible by it")
+    order = sorted(range(n), key=lambda i: (-int(lengths[i]), i))
+    per = n // count
+    return [order[k * per:(k + 1) * per] for k in range(count)]
+
+
 def make_micro_batches(batch: Dict[str, torch.Tensor], groups: Sequence[Sequence[int]],
-                       width_multiple: int = 1) -> List[Dict[str, torch.Tensor]]:
+                       width_multiple: int = 1, width: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
     """Slice ``batch`` into micro-batches (rows in the given index order), trimmed to their longest row.
 
     ``width_multiple``: round each micro-batch's width up to a multiple (sequence parallelism needs
     the sequence divisible by the TP size); extra columns are zero padding with loss_mask 0.
+    ``width``: use this width for every micro-batch instead of its longest row (fixed shapes).
     Each micro-batch also carries ``rows`` [b] (its row indices in ``batch``) and ``position_ids``.
     """
     out = []
@@ -111,14 +130,17 @@ def make_micro_batches(batch: Dict[str, torch.Tensor], groups: Sequence[Sequence
         if len(group) == 0:
             raise ValueError(f"micro-batch {k} is empty (no sequences)")
         rows = torch.as_tensor(list(group), dtype=torch.long)
-        width = int(batch["lengths"][rows].max())
-        width = -(-width // width_multiple) * width_multiple
-        mb = {key: batch[key][rows, :width] for key in PER_TOKEN_KEYS if batch.get(key) is not None}
-        if width > batch["input_ids"].shape[1]:  # only with width_multiple > 1
-            mb = {key: torch.nn.functional.pad(v, (0, width - v.shape[1])) for key, v in mb.items()}
+        longest = int(batch["lengths"][rows].max())
+        if width is not None and width < longest:
+            raise ValueError(f"width={width} is shorter than micro-batch {k}'s longest row ({longest})")
+        mb_width = longest if width is None else width
+        mb_width = -(-mb_width // width_multiple) * width_multiple
+        mb = {key: batch[key][rows, :mb_width] for key in PER_TOKEN_KEYS if batch.get(key) is not None}
+        if mb_width > batch["input_ids"].shape[1]:  # only with width_multiple > 1
+            mb = {key: torch.nn.functional.pad(v, (0, mb_width - v.shape[1])) for key, v in mb.items()}
         mb["lengths"] = batch["lengths"][rows]
         mb["rows"] = rows
-        mb["position_ids"] = torch.arange(width).unsqueeze(0).expand(len(group), width)
+        mb["position_ids"] = torch.arange(mb_width).unsqueeze(0).expand(len(group), mb_width)
         out.append(mb)
     return out
 

@@ -146,11 +146,13 @@ def hf_to_transformer_config(
         bf16=params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         # Dynamic batch size: micro-batches have different lengths, so PP p2p shapes are exchanged.
-        variable_seq_lengths=pp > 1,
+        # (not with virtual stages: the interleaved schedule needs fixed shapes; the actor pads).
+        variable_seq_lengths=pp > 1 and not parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         # megatron validates the dispatcher even for dense models; alltoall is the one that
         # supports variable sequence lengths (and EP on CPU, see cpu.py).
         moe_token_dispatcher_type="alltoall",

@@ -128,8 +128,7 @@ def initialize_parallel(sizes: ParallelSizes = ParallelSizes(), *, hf_config: An
         the data-parallel size.
     """
     if not torch.cuda.is_available():
-        for feature, on in (("sequence_parallel", sizes.sequence_parallel), ("cp>1", sizes.cp > 1),
-                            ("vpp", sizes.vpp is not None)):
+        for feature, on in (("sequence_parallel", sizes.sequence_parallel), ("cp>1", sizes.cp > 1)):
             if on:
                 raise ValueError(f"{feature} is GPU-only (no CUDA here); see notes/megatron_on_cpu.md")
     apply_cpu_shims()

@@ -110,8 +110,10 @@ def _reference_worker(dirs, batch):
 
     from megatron_spo.megatron.parallel import teardown_parallel
 
-    out = {}
+    out = {"vpp_ref_logp": _score_only(dirs["qwen3_vpp"], ParallelSizes(), batch)}
     for family, hf_dir in dirs.items():
+        if family == "qwen3_vpp":
+            continue
         ref = _run_layout(family, ParallelSizes(), hf_dir, batch)
         # The same step with other micro-batch splits: one micro-batch, one row per micro-batch.
         one = _run_layout(family, ParallelSizes(), hf_dir, batch, groups=[list(range(len(batch["lengths"])))])
@@ -165,6 +167,28 @@ def _config_and_input_checks(dirs, batch):
     }
 
 
+def _score_only(hf_dir, sizes, batch):
+    """Forward-only actor (scoring path), e.g. with virtual pipeline stages."""
+    from megatron_spo.megatron.actor import MegatronActor
+    from megatron_spo.megatron.export import load_hf_weights
+    from megatron_spo.megatron.model import load_hf_config
+    from megatron_spo.megatron.optimizer import OptimSettings
+    from megatron_spo.megatron.parallel import initialize_parallel
+
+    cfg = load_hf_config(hf_dir)
+    initialize_parallel(sizes, hf_config=cfg)
+    actor = MegatronActor(cfg, micro_batch_tokens=40)
+    load_hf_weights(actor.model, hf_dir)
+    logp = actor.score(batch)["logp"]
+    refused = None
+    if sizes.vpp:
+        try:
+            MegatronActor(cfg, optim=OptimSettings())
+        except NotImplementedError as err:
+            refused = str(err)
+    return logp, refused
+
+
 def _parallel_worker(dirs, batch):
     """Two processes: every layout in turn; rank 0's gathered results are returned."""
     from megatron_spo.megatron.parallel import teardown_parallel
@@ -181,6 +205,7 @@ def _parallel_worker(dirs, batch):
     for family, sizes in layouts:
         res = _run_layout(family, sizes, dirs[family], batch, micro_batch_tokens=40)
         out.append((family, sizes, res))
+    out.append(("vpp", ParallelSizes(pp=2, vpp=2), _score_only(dirs["qwen3_vpp"], ParallelSizes(pp=2, vpp=2), batch)))
     teardown_parallel(destroy_process_group=False)
     return out
 
@@ -190,8 +215,12 @@ def model_dirs(tmp_path_factory):
     from megatron_spo.models.tiny import make_tiny_model_dir
 
     root = tmp_path_factory.mktemp("tiny")
-    return {family: str(make_tiny_model_dir(root / family, family, seed=3, tokenizer=False))
+    dirs = {family: str(make_tiny_model_dir(root / family, family, seed=3, tokenizer=False))
             for family in ("qwen3", "llama", "qwen3_moe")}
+    # 4 layers: 2 pipeline stages x 2 virtual stages.
+    dirs["qwen3_vpp"] = str(make_tiny_model_dir(root / "qwen3_vpp", "qwen3", seed=4, tokenizer=False,
+                                                num_hidden_layers=4))
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +244,19 @@ def test_moe_router_mapping_and_actor_input_errors(results):
     assert errors["train_without_optim"].startswith("RuntimeError: forward-only actor")
 
 
+def test_virtual_pipeline_scoring_equals_single_process_and_training_is_refused(results):
+    refs, par = results
+    ref_logp, _ = refs["vpp_ref_logp"]
+    for rank_out in par:
+        ((_, _, (logp, refused)),) = [r for r in rank_out if r[0] == "vpp"]
+        assert (logp - ref_logp).abs().max().item() <= 1e-5
+        assert refused.startswith("training with virtual pipeline stages (vpp) is not supported yet")
+
+
 def test_micro_batch_split_does_not_change_loss_or_grads(results):
     refs, _ = results
     for family, r in refs.items():
-        if family == "checks":
+        if family in ("checks", "vpp_ref_logp"):
             continue
         assert r["split_loss_diff"] <= 1e-6, (family, r["split_loss_diff"])
         assert r["split_grad_diff"] <= 1e-6, (family, r["split_grad_diff"])
@@ -227,7 +265,7 @@ def test_micro_batch_split_does_not_change_loss_or_grads(results):
 def test_logprobs_equal_transformers_forward(results):
     refs, _ = results
     for family, r in refs.items():
-        if family == "checks":
+        if family in ("checks", "vpp_ref_logp"):
             continue
         assert r["hf_logp_diff"] <= 1e-5, (family, r["hf_logp_diff"])
 
@@ -235,7 +273,7 @@ def test_logprobs_equal_transformers_forward(results):
 def test_clipping_is_active_and_sgd_step_is_clipped(results):
     refs, _ = results
     for family, r in refs.items():
-        if family == "checks":
+        if family in ("checks", "vpp_ref_logp"):
             continue
         ref = r["ref"]
         assert ref["grad_norm"] > CLIP, (family, ref["grad_norm"])
@@ -250,6 +288,8 @@ def test_parallel_layouts_equal_single_process(results, model_dirs):
 
     for rank_out in par:
         for family, sizes, res in rank_out:
+            if family == "vpp":
+                continue
             ref = refs[family]["ref"]
             where = f"{family} {sizes}"
             print(where, {"logp": (res["logp"] - ref["logp"]).abs().max().item(),
@@ -262,7 +302,7 @@ def test_parallel_layouts_equal_single_process(results, model_dirs):
             assert _max_diff(res["params"], ref["params"]) <= 1e-5, where
     # And the step moved the weights by exactly -lr * clipped grad (checked against the HF file).
     for family, r in refs.items():
-        if family == "checks":
+        if family in ("checks", "vpp_ref_logp"):
             continue
         init = load_file(f"{model_dirs[family]}/model.safetensors")
         ref = r["ref"]
