@@ -243,7 +243,7 @@ class MegatronActor:
     # ------------------------------------------------------------------------------------------
     def _loss_terms(self, logp, entropy, mb) -> List[Any]:
         from megatron_spo.algos.kl import entropy_bonus_loss, kl_penalty_loss
-        from megatron_spo.algos.registry import get_loss
+        from megatron_spo.algos import get_loss  # the package import fills the registry
 
         s = self.loss
         mask = mb["loss_mask"]

@@ -192,8 +192,6 @@ def test_launcher_returns_results_and_propagates_child_tracebacks():
 
 
 def _shim_child():
-    import torch.distributed as dist
-
     from megatron_spo.megatron.cpu import apply_cpu_shims
 
     first, second = apply_cpu_shims(), apply_cpu_shims()
