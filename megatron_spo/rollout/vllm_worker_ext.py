@@ -4,7 +4,7 @@ Launch vLLM with ``--worker-extension-cls megatron_spo.rollout.vllm_worker_ext.W
 (and ``VLLM_SERVER_DEV_MODE=1`` so ``/collective_rpc`` exists). vLLM mixes this class into each
 worker, so ``self`` is the worker and ``self.model_runner.model`` the loaded model, whose
 ``load_weights`` takes HF-named ``(name, tensor)`` pairs — the same names our streaming export
-produces. ``/collective_rpc`` only passes string arguments, so weights travel by path: an HF
+produces (on newer vLLM through ``model_runner.reload_weights``). ``/collective_rpc`` only passes string arguments, so weights travel by path: an HF
 checkpoint directory written by the trainer (works on CPU; on a shared filesystem across nodes).
 
 This module must import without vLLM (the embedded server lists :data:`RPC_METHODS` from it).
@@ -31,8 +31,13 @@ class WorkerExtension:
         from megatron_spo.rollout.embedded import load_hf_state
 
         state = load_hf_state(path)
-        model = self.model_runner.model  # type: ignore[attr-defined]  (provided by the vLLM worker)
-        model.load_weights(weights=list(state.items()))
+        runner = self.model_runner  # type: ignore[attr-defined]  (provided by the vLLM worker)
+        if hasattr(runner, "reload_weights"):
+            # vLLM >= 0.1x: in-place reload that re-runs process_weights_after_loading. Needed on CPU,
+            # where loading repacks some linear weights (a plain load_weights then sees empty params).
+            runner.reload_weights(weights_iterator=iter(state.items()))
+        else:
+            runner.model.load_weights(weights=list(state.items()))
         if version is None:
             version = str(int(self._mspo_weight_version or 0) + 1)
         self._mspo_weight_version = str(version)
