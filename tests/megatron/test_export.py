@@ -55,7 +55,7 @@ def _export(chunks, cfg):
     return out, sizes
 
 
-def _run_layout(hf_dir: str, sizes_kw: dict, logits: bool):
+def _run_layout(hf_dir: str, sizes_kw: dict, logits: bool, source=None):
     from megatron_spo.megatron.export import load_hf_weights
     from megatron_spo.megatron.model import build_model
     from megatron_spo.megatron.parallel import ParallelSizes, initialize_parallel
@@ -63,7 +63,7 @@ def _run_layout(hf_dir: str, sizes_kw: dict, logits: bool):
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     initialize_parallel(ParallelSizes(**sizes_kw), hf_config=cfg)
     chunks = build_model(cfg)
-    n = load_hf_weights(chunks, hf_dir)
+    n = load_hf_weights(chunks, hf_dir if source is None else source)
     res = {"loaded": n}
     if logits:
         res["logits"] = _megatron_logits(chunks, cfg["vocab_size"])
@@ -86,6 +86,11 @@ def _worker_single(dirs: dict, out_root: str):
         copy_hf_metadata(d, out)
         res["out"] = str(out)
         results[fam] = res
+    # "Load from an HF model at train start": an in-memory transformers model (fused MoE experts).
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(dirs["qwen3_moe"], dtype=torch.float32)
+    results["qwen3_moe-in-memory"] = _run_layout(dirs["qwen3_moe"], {}, logits=True, source=hf_model)
     return results
 
 
@@ -146,6 +151,13 @@ def test_tp1_logits_match_transformers(single, hf_logits, family):
     diff = (single[family]["logits"] - hf_logits[family]).abs().max().item()
     print(f"{family} TP=1 max |logits diff| {diff:.3g}")
     assert diff <= 1e-4, f"{family}: max |logits diff| {diff}"
+
+
+def test_load_from_in_memory_transformers_model(single, hf_logits, tiny_dirs):
+    res = single["qwen3_moe-in-memory"]
+    diff = (res["logits"] - hf_logits["qwen3_moe"]).abs().max().item()
+    assert diff <= 1e-4, diff
+    _assert_bit_identical(res["export"], tiny_dirs["qwen3_moe"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
