@@ -262,6 +262,23 @@ class Fleet:
                 ep.version = self._version
 
 
+def fleet_from_config(rollout, model_dir: str, **kwargs) -> "Fleet":
+    """The fleet a run's ``RolloutConfig`` asks for (``engine``, ``urls``, ``ray_servers``,
+    ``request_timeout_s``): the embedded engine in process, the user's URLs, or Ray-placed servers.
+
+    ``model_dir`` is the HF directory the embedded engine / Ray servers load.
+    """
+    client_kwargs = {"timeout_s": float(rollout.request_timeout_s)}
+    if rollout.engine == "embedded":
+        from megatron_spo.rollout.embedded import EmbeddedEngine
+
+        return Fleet([EmbeddedEngine(model_dir)], health_interval_s=0, **kwargs)
+    if rollout.ray_servers > 0:
+        # Ray-placed servers run the embedded engine's HTTP server, which speaks both protocols.
+        return Fleet.ray(model_dir, rollout.ray_servers, kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
+    return Fleet.from_urls(list(rollout.urls), kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
+
+
 def make_client(kind: str, url: str, **kwargs):
     """An HTTP engine client of ``kind`` ("sglang" or "vllm") for ``url``."""
     if kind == "sglang":

@@ -5,6 +5,11 @@ Generation uses ``POST /v1/completions`` with token-id prompts, ``logprobs: 0`` 
 (never the text, never re-tokenised). vLLM returns ``finish_reason`` "abort" for requests cut by
 ``/pause?mode=abort``.
 
+Log-probs: vLLM's default ``--logprobs-mode raw_logprobs`` reports ``log_softmax(logits)`` before
+temperature; ``processed_logprobs`` reports them after temperature *and* top-k/top-p truncation. The
+protocol's convention (after temperature, before truncation) coincides with both at temperature 1
+without top-k/top-p, the training default; at other settings recompute in the trainer.
+
 Weight updates go through :class:`megatron_spo.rollout.vllm_worker_ext.WorkerExtension` (launch vLLM
 with ``--worker-extension-cls megatron_spo.rollout.vllm_worker_ext.WorkerExtension`` and
 ``VLLM_SERVER_DEV_MODE=1``) via ``POST /collective_rpc``: a checkpoint path (works on CPU). Buckets

@@ -174,3 +174,19 @@ def test_killing_one_of_two_servers_mid_rollout_delivers_every_sample_exactly_on
         assert {r.weight_version for r in more} == {1}
     finally:
         fleet.close()
+
+
+def test_fleet_from_config_picks_the_endpoints(tmp_path):
+    from megatron_spo.config import RolloutConfig
+    from megatron_spo.rollout.fleet import fleet_from_config
+    from megatron_spo.rollout.sglang_client import SGLangClient
+    from megatron_spo.rollout.vllm_client import VLLMClient
+
+    fleet = fleet_from_config(RolloutConfig(engine="vllm", urls=["http://127.0.0.1:1", "http://127.0.0.1:2"],
+                                            request_timeout_s=7.0), str(tmp_path), health_interval_s=0)
+    assert [type(ep.engine) for ep in fleet.endpoints] == [VLLMClient, VLLMClient]
+    assert [ep.name for ep in fleet.endpoints] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert fleet.endpoints[0].engine.timeout_s == 7.0
+    fleet = fleet_from_config(RolloutConfig(engine="sglang", urls=["http://127.0.0.1:3"]), str(tmp_path),
+                              health_interval_s=0)
+    assert isinstance(fleet.endpoints[0].engine, SGLangClient)
