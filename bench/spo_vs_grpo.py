@@ -24,12 +24,12 @@ for both arms (``<run-dir>/spo_vs_grpo.png``), a JSON with every number, and the
 
 i.e. how much better (> 1) or worse (< 1) SPO's policy is than GRPO's after the same number of
 generated tokens. The eval estimate has a standard error of about sqrt(p(1-p)/(100 k)) per arm
-(~0.025 at k = 4), so ratios within ~±0.1 of 1 are a tie at the default size; the table prints it.
+(~0.017 at k = 8 and p = 0.5); the output prints the standard error of the difference.
 
 Each arm runs in its own spawned process (megatron's parallel state is process-global), one after
 the other, single process world (DP = 1). Run with ``OMP_NUM_THREADS=1``::
 
-    OMP_NUM_THREADS=1 python bench/spo_vs_grpo.py [--steps 150 --eval-every 30 --run-dir runs/bench_p3]
+    OMP_NUM_THREADS=1 python bench/spo_vs_grpo.py [--steps 300 --eval-every 50 --eval-samples 8 --run-dir runs/bench_p3]
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ def plot(spo: Dict[str, Any], grpo: Dict[str, Any], k: int, path: Path, window: 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=150, help="SPO steps; fixes the token budget (default 150)")
-    p.add_argument("--eval-every", type=int, default=30, help="SPO steps between evaluations (default 30)")
-    p.add_argument("--eval-samples", type=int, default=4, help="k of avg@k (default 4)")
+    p.add_argument("--steps", type=int, default=300, help="SPO steps; fixes the token budget (default 300)")
+    p.add_argument("--eval-every", type=int, default=50, help="SPO steps between evaluations (default 50)")
+    p.add_argument("--eval-samples", type=int, default=8, help="k of avg@k (default 8)")
     p.add_argument("--run-dir", default="runs/bench_p3")
     p.add_argument("--warm-steps", type=int, default=110)
     p.add_argument("--warm-lr", type=float, default=3e-3)
@@ -208,8 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = Path(a.run_dir)
     warm, data = prepare(run_dir, warm_steps=a.warm_steps, warm_lr=a.warm_lr, seed=a.seed)
     common = dict(seed=a.seed, eval_samples=a.eval_samples, max_steps=2 * a.steps)
-    spo = _in_process(run_dir / "spo.log", run_arm, "spo", str(warm), str(data), str(run_dir / "spo"), stop_steps=a.steps,
-                      eval_every=a.eval_every, **common)
+    spo = _in_process(run_dir / "spo.log", run_arm, "spo", str(warm), str(data), str(run_dir / "spo"),
+                      stop_steps=a.steps, eval_every=a.eval_every, **common)
     checkpoints = [e["tokens"] for e in spo["evals"][1:]]
     grpo = _in_process(run_dir / "grpo.log", run_arm, "grpo", str(warm), str(data), str(run_dir / "grpo"),
                        token_checkpoints=checkpoints, **common)
