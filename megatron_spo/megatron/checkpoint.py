@@ -161,7 +161,8 @@ def save_checkpoint(
     dist.barrier()
     sd = _sharded_state(model, optimizer, is_loading=False)
     sd["common"] = {"format": FORMAT_VERSION, "step": int(step), "layout": _layout(),
-                    "caller": caller_state or {}, "scheduler": scheduler.state_dict() if scheduler else None}
+                    "has_optimizer": optimizer is not None,
+                    "caller": caller_state or {}, "scheduler": scheduler.state_dict() if scheduler is not None else None}
     sd["rank"] = _rank_object({"rng": rng_state(), "user": rank_state})
     dist_checkpointing.save(sd, str(tmp / "dist"))
     dist.barrier()
@@ -206,6 +207,9 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(ddir)["common"]
     if common.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {chosen}: format {common.get('format')!r}, this code reads {FORMAT_VERSION}")
+    if optimizer is not None and not common.get("has_optimizer", False):
+        raise ValueError(f"checkpoint {chosen} holds no optimizer state (e.g. written by `convert hf-to-mcore`); "
+                         f"load it with optimizer=None and start the optimizer fresh")
     same_layout = common["layout"] == _layout()
     sd = _sharded_state(model, optimizer, is_loading=True)
     if same_layout:

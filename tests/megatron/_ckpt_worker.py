@@ -186,6 +186,15 @@ def mode_resume_and_reshard(out: dict, hf_dir: str, root: str, tp2_root: str) ->
     state, out["no_rng"] = copy.deepcopy(nothing.caller_state), []
     run(model, opt, sched, corpus, vocab, state, SAVE_AT + 1, out["no_rng"])
 
+    # A model-only checkpoint (what `convert hf-to-mcore` writes) asked for optimizer state: clear error.
+    model_only = save_checkpoint(Path(root).parent / "model_only", 0, model)
+    try:
+        load_checkpoint(model_only, model, opt, sched)
+        out["model_only_with_optimizer"] = "loaded"
+    except ValueError as err:
+        out["model_only_with_optimizer"] = str(err)
+    out["model_only_step"] = load_checkpoint(model_only, model).step
+
     # Resharding: the TP=2 checkpoint into a TP=1 model (weights, Adam moments, scheduler).
     model, opt, sched, corpus, vocab = setup(hf_dir, 1, 0.0, seed=5)
     with torch.no_grad():

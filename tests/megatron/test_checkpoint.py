@@ -106,3 +106,9 @@ def test_tp2_checkpoint_loads_resharded_at_tp1(runs):
     assert diff <= 1e-5, diff
     # The next step depends on the Adam moments and the scheduler: both came through the reshard.
     assert abs(r["reshard_next_loss"] - tp2["next_loss"]) <= 1e-5
+
+
+def test_model_only_checkpoint_refuses_optimizer_load(runs):
+    r = runs["resume"]
+    assert "holds no optimizer state" in r["model_only_with_optimizer"]
+    assert r["model_only_step"] == 0
