@@ -76,12 +76,14 @@ class MegatronActor:
         micro_batch_tokens: token budget of one padded micro-batch (rows x longest row).
         temperature: logits are divided by it before log-softmax (match the rollout sampler).
         params_dtype, aux_loss_coef, use_te, sequence_parallel: passed to ``build_model`` (SP: GPU only).
+        config_overrides: extra ``TransformerConfig`` fields (e.g. p2p communication settings).
     """
 
     def __init__(
         self, hf_config: Any, *, optim: Optional[OptimSettings] = None, loss: Optional[LossSettings] = None,
         micro_batch_tokens: int = 16384, temperature: float = 1.0, params_dtype: torch.dtype = torch.float32,
         aux_loss_coef: float = 0.0, use_te: Optional[bool] = None, sequence_parallel: bool = False,
+        **config_overrides: Any,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
@@ -92,17 +94,12 @@ class MegatronActor:
         self.micro_batch_tokens = micro_batch_tokens
         self.temperature = temperature
         chunks = build_model(self.hf_config, params_dtype=params_dtype, aux_loss_coef=aux_loss_coef, use_te=use_te,
-                             sequence_parallel=sequence_parallel)
+                             sequence_parallel=sequence_parallel, **config_overrides)
         # Sequence parallelism shards the sequence over TP ranks: micro-batch widths must divide.
         self.width_multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
         self._vpp_multiple = (parallel_state.get_pipeline_model_parallel_world_size()
                               if len(chunks) > 1 else 1)
         self.optimizer = self.scheduler = None
-        if optim is not None and len(chunks) > 1:
-            # Scoring with virtual pipeline stages matches the single-process log-probs on CPU, but a
-            # training step did not (loss/grad mismatch, not yet diagnosed): refuse rather than train wrong.
-            raise NotImplementedError("training with virtual pipeline stages (vpp) is not supported yet; "
-                                      "use vpp only for forward-only actors, or pp without vpp")
         if optim is not None:
             chunks = wrap_ddp(chunks, distributed_optimizer=optim.distributed_optimizer)
             self.optimizer, self.scheduler = build_optimizer(chunks, optim)

@@ -153,6 +153,9 @@ def hf_to_transformer_config(
         # Dynamic batch size: micro-batches have different lengths, so PP p2p shapes are exchanged.
         # (not with virtual stages: the interleaved schedule needs fixed shapes; the actor pads).
         variable_seq_lengths=pp > 1 and not parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        # On gloo, batched isend/irecv in the interleaved (VPP) schedule's steady 1F1B phase gave
+        # wrong activations for later micro-batches (measured); individual p2p ops are correct.
+        batch_p2p_comm=torch.cuda.is_available(),
         # megatron validates the dispatcher even for dense models; alltoall is the one that
         # supports variable sequence lengths (and EP on CPU, see cpu.py).
         moe_token_dispatcher_type="alltoall",

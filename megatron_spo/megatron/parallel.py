@@ -25,7 +25,8 @@ class ParallelSizes:
     Attributes:
         tp: tensor parallel. pp: pipeline parallel. ep: expert parallel.
         etp: expert tensor parallel (None = same as tp, megatron's default).
-        cp: context parallel (GPU only). vpp: virtual pipeline stages per rank (None = off; GPU).
+        cp: context parallel (GPU only). vpp: virtual pipeline stages per rank (None = off; interleaved
+            1F1B schedule, tested on CPU too).
         sequence_parallel: shard activations along the sequence in TP regions (GPU only, needs TE/apex
             norms; MoE with tp > 1 requires it during training).
     """

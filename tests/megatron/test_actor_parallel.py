@@ -2,7 +2,8 @@
 
 Layout: one single-process spawn computes the references (and the micro-batch-split, clipping and
 HF-parity checks); one 2-process spawn runs every parallel layout in turn (TP=2, PP=2, DP=2 for
-Qwen3; PP=2 for tied-embedding Llama; EP=2 and EP=2 x DP... for Qwen3-MoE). Every layout loads the
+Qwen3; PP=2 x VPP=2 for a 4-layer Qwen3; PP=2 for tied-embedding Llama; EP=2 (dense DP=2) and
+PP=2 for Qwen3-MoE). Every layout loads the
 same HF weights (``megatron_spo.megatron.export.load_hf_weights``, the conversion engineer's
 mapping) and compares, after gathering full tensors by HF name:
 
@@ -65,7 +66,6 @@ def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48
     ``gather_grads=False`` for the distributed optimizer, whose main_grad buffers hold only this
     rank's reduce-scattered shard after the backward.
     """
-    import megatron_spo.algos  # noqa: F401  (fills the loss registry)
     from megatron.core import parallel_state as ps
 
     from megatron_spo.megatron.actor import LossSettings, MegatronActor
@@ -110,7 +110,7 @@ def _reference_worker(dirs, batch):
 
     from megatron_spo.megatron.parallel import teardown_parallel
 
-    out = {"vpp_ref_logp": _score_only(dirs["qwen3_vpp"], ParallelSizes(), batch)}
+    out = {"qwen3_vpp": {"ref": _run_layout("qwen3_vpp", ParallelSizes(), dirs["qwen3_vpp"], batch)}}
     for family, hf_dir in dirs.items():
         if family == "qwen3_vpp":
             continue
@@ -167,28 +167,6 @@ def _config_and_input_checks(dirs, batch):
     }
 
 
-def _score_only(hf_dir, sizes, batch):
-    """Forward-only actor (scoring path), e.g. with virtual pipeline stages."""
-    from megatron_spo.megatron.actor import MegatronActor
-    from megatron_spo.megatron.export import load_hf_weights
-    from megatron_spo.megatron.model import load_hf_config
-    from megatron_spo.megatron.optimizer import OptimSettings
-    from megatron_spo.megatron.parallel import initialize_parallel
-
-    cfg = load_hf_config(hf_dir)
-    initialize_parallel(sizes, hf_config=cfg)
-    actor = MegatronActor(cfg, micro_batch_tokens=40)
-    load_hf_weights(actor.model, hf_dir)
-    logp = actor.score(batch)["logp"]
-    refused = None
-    if sizes.vpp:
-        try:
-            MegatronActor(cfg, optim=OptimSettings())
-        except NotImplementedError as err:
-            refused = str(err)
-    return logp, refused
-
-
 def _parallel_worker(dirs, batch):
     """Two processes: every layout in turn; rank 0's gathered results are returned."""
     from megatron_spo.megatron.parallel import teardown_parallel
@@ -205,7 +183,9 @@ def _parallel_worker(dirs, batch):
     for family, sizes in layouts:
         res = _run_layout(family, sizes, dirs[family], batch, micro_batch_tokens=40)
         out.append((family, sizes, res))
-    out.append(("vpp", ParallelSizes(pp=2, vpp=2), _score_only(dirs["qwen3_vpp"], ParallelSizes(pp=2, vpp=2), batch)))
+    # 4 layers = 2 pipeline stages x 2 virtual stages (interleaved 1F1B schedule).
+    out.append(("qwen3_vpp", ParallelSizes(pp=2, vpp=2),
+                _run_layout("qwen3_vpp", ParallelSizes(pp=2, vpp=2), dirs["qwen3_vpp"], batch, micro_batch_tokens=40)))
     teardown_parallel(destroy_process_group=False)
     return out
 
@@ -244,19 +224,10 @@ def test_moe_router_mapping_and_actor_input_errors(results):
     assert errors["train_without_optim"].startswith("RuntimeError: forward-only actor")
 
 
-def test_virtual_pipeline_scoring_equals_single_process_and_training_is_refused(results):
-    refs, par = results
-    ref_logp, _ = refs["vpp_ref_logp"]
-    for rank_out in par:
-        ((_, _, (logp, refused)),) = [r for r in rank_out if r[0] == "vpp"]
-        assert (logp - ref_logp).abs().max().item() <= 1e-5
-        assert refused.startswith("training with virtual pipeline stages (vpp) is not supported yet")
-
-
 def test_micro_batch_split_does_not_change_loss_or_grads(results):
     refs, _ = results
     for family, r in refs.items():
-        if family in ("checks", "vpp_ref_logp"):
+        if family in ("checks", "qwen3_vpp"):
             continue
         assert r["split_loss_diff"] <= 1e-6, (family, r["split_loss_diff"])
         assert r["split_grad_diff"] <= 1e-6, (family, r["split_grad_diff"])
@@ -265,7 +236,7 @@ def test_micro_batch_split_does_not_change_loss_or_grads(results):
 def test_logprobs_equal_transformers_forward(results):
     refs, _ = results
     for family, r in refs.items():
-        if family in ("checks", "vpp_ref_logp"):
+        if family in ("checks", "qwen3_vpp"):
             continue
         assert r["hf_logp_diff"] <= 1e-5, (family, r["hf_logp_diff"])
 
@@ -273,7 +244,7 @@ def test_logprobs_equal_transformers_forward(results):
 def test_clipping_is_active_and_sgd_step_is_clipped(results):
     refs, _ = results
     for family, r in refs.items():
-        if family in ("checks", "vpp_ref_logp"):
+        if family in ("checks", "qwen3_vpp"):
             continue
         ref = r["ref"]
         assert ref["grad_norm"] > CLIP, (family, ref["grad_norm"])
@@ -288,8 +259,6 @@ def test_parallel_layouts_equal_single_process(results, model_dirs):
 
     for rank_out in par:
         for family, sizes, res in rank_out:
-            if family == "vpp":
-                continue
             ref = refs[family]["ref"]
             where = f"{family} {sizes}"
             print(where, {"logp": (res["logp"] - ref["logp"]).abs().max().item(),
@@ -302,7 +271,7 @@ def test_parallel_layouts_equal_single_process(results, model_dirs):
             assert _max_diff(res["params"], ref["params"]) <= 1e-5, where
     # And the step moved the weights by exactly -lr * clipped grad (checked against the HF file).
     for family, r in refs.items():
-        if family in ("checks", "vpp_ref_logp"):
+        if family in ("checks", "qwen3_vpp"):
             continue
         init = load_file(f"{model_dirs[family]}/model.safetensors")
         ref = r["ref"]
