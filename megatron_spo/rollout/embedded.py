@@ -185,8 +185,10 @@ class EmbeddedEngine:
         """Copy new weights in place and set the weight version; returns the number of tensors loaded.
 
         ``source`` is an HF checkpoint directory (str / Path) or an iterable of buckets, each a
-        sequence of ``(hf_name, tensor)``. Each bucket is checked (names, shapes) before any of it is
-        copied; buckets already copied stay applied if a later one is bad. Waits for the batch in
+        sequence of ``(hf_name, tensor)`` with checkpoint (file) names. Each bucket is checked (names,
+        shapes) before any of it is copied; buckets already copied stay applied if a later one is bad.
+        Names of tensors transformers fuses in memory (MoE experts) are collected and applied at the
+        end through transformers' own weight conversion. Waits for the batch in
         flight unless ``abort_in_flight`` aborts it (its rows finish with "abort").
         """
         if abort_in_flight:
@@ -196,22 +198,58 @@ class EmbeddedEngine:
         else:
             buckets = source
         params = self.model.state_dict(keep_vars=True)
+        ckpt_shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+        pending: Dict[str, torch.Tensor] = {}  # checkpoint names of parameters fused in memory
         loaded = 0
         with self._lock, torch.no_grad():
             for b, bucket in enumerate(buckets):
                 bucket = list(bucket)
                 for name, tensor in bucket:
-                    if name not in params:
-                        raise ValueError(f"update_weights: bucket {b}: unknown parameter {name!r} "
-                                         f"(model {type(self.model).__name__})")
-                    if tuple(tensor.shape) != tuple(params[name].shape):
+                    if name in params:
+                        expected = tuple(params[name].shape)
+                    else:
+                        ckpt_shapes = ckpt_shapes or self._checkpoint_shapes()
+                        if name not in ckpt_shapes:
+                            raise ValueError(f"update_weights: bucket {b}: unknown parameter {name!r} "
+                                             f"(model {type(self.model).__name__})")
+                        expected = ckpt_shapes[name]
+                    if tuple(tensor.shape) != expected:
                         raise ValueError(f"update_weights: bucket {b}: {name!r} has shape {tuple(tensor.shape)}, "
-                                         f"model expects {tuple(params[name].shape)}")
+                                         f"model expects {expected}")
                 for name, tensor in bucket:
-                    params[name].data.copy_(tensor)
+                    if name in params:
+                        params[name].data.copy_(tensor)
+                    else:
+                        pending[name] = tensor
                     loaded += 1
+            if pending:
+                self._load_converted(pending, params)
             self._version = int(version)
         return loaded
+
+    def _checkpoint_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Checkpoint (HF file) names and shapes of every weight, as ``save_pretrained`` writes them."""
+        return {n: tuple(t.shape) for n, t in self._checkpoint_state().items()}
+
+    def _checkpoint_state(self) -> Dict[str, torch.Tensor]:
+        # transformers 5 fuses some checkpoint tensors in memory (e.g. MoE experts into one
+        # gate_up_proj); its own revert gives the per-tensor checkpoint layout back.
+        state = self.model.state_dict()
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+        except ImportError:  # transformers 4.x: memory names are checkpoint names
+            return state
+        return revert_weight_conversion(self.model, state)
+
+    def _load_converted(self, pending: Dict[str, torch.Tensor], params: Dict[str, torch.Tensor]) -> None:
+        """Apply checkpoint-named tensors whose parameters are fused in memory: transformers' own
+        loader converts the full checkpoint-format state (current weights overlaid with ``pending``)."""
+        full = self._checkpoint_state()
+        full.update(pending)
+        fresh = type(self.model).from_pretrained(None, config=self.model.config, state_dict=full,
+                                                 dtype=self.model.dtype)
+        for name, tensor in fresh.state_dict().items():
+            params[name].data.copy_(tensor)
 
     def pause(self, mode: str = "abort") -> None:
         """Hold new requests until :meth:`resume`; ``mode="abort"`` also aborts the batch in flight

@@ -251,3 +251,26 @@ def test_abort_one_request_by_id(engine):
     assert engine.abort("a") == 1
     assert a.result(timeout=30).finish_reason == "abort"
     assert b.result(timeout=30).finish_reason == "length" and len(b.result().token_ids) == 250
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_other_families_exact_logprobs_and_tied_weight_update(tmp_path, family):
+    """Llama (tied embeddings) and Qwen3-MoE: exact log-probs before and after a weight update."""
+    from transformers import AutoModelForCausalLM
+
+    a = str(make_tiny_model_dir(tmp_path / "a", family, seed=0))
+    b = str(make_tiny_model_dir(tmp_path / "b", family, seed=1))
+    eng = EmbeddedEngine(a)
+    sp = SamplingParams(max_new_tokens=12, temperature=0.8, ignore_eos=True)
+    for version, ref_dir in ((0, a), (1, b)):
+        if version:
+            eng.update_weights([list(load_hf_state(b).items())], version)
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+        for prompt, res in zip(PROMPTS, eng.generate(PROMPTS, sp)):
+            ref, _ = teacher_forced(ref_model, prompt, res.token_ids, 0.8)
+            assert res.weight_version == version
+            assert (ref - torch.tensor(res.logprobs, dtype=torch.float64)).abs().max().item() <= 1e-5
+    if family == "llama":  # tied: the checkpoint has no lm_head, the engine's head follows the embedding
+        assert "lm_head.weight" not in load_hf_state(b)
+        assert torch.equal(eng.model.lm_head.weight, load_hf_state(b)["model.embed_tokens.weight"])
+    eng.close()
