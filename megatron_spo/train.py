@@ -143,7 +143,7 @@ def update_policy(run: Run, local: Dict[str, torch.Tensor]) -> List[float]:
     first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
     mis = train_batch.mismatch_sums(local["old_logp"], local["rollout_logp"], local["loss_mask"] * first)
     run.metrics.update(train_batch.finish_mismatch(collectives.reduce_sum_max(mis)))
-    return [float(m.get("actor/abs_logratio", 0.0)) for m in per_update]
+    return [float(m["actor/abs_logratio"]) for m in per_update]
 
 
 def update_tracker(run: Run, samples: List[Any], local: Dict[str, torch.Tensor], rows: List[int], drift: List[float]):

@@ -294,6 +294,8 @@ class MegatronActor:
             mask = mb["loss_mask"].bool()
             ratio = torch.exp(logp.detach() - mb["old_logp"])
             _mean_metric(metrics, "actor/entropy", entropy, mask)
+            # mean |logπ_θ − logπ_old|: the policy drift this update measured (SPO's accumulated ρ uses it)
+            _mean_metric(metrics, "actor/abs_logratio", (logp.detach() - mb["old_logp"]).abs(), mask)
             _mean_metric(metrics, "actor/ratio_mean", ratio, mask)
             metrics["actor/ratio_max"] = torch.where(mask, ratio, -math.inf).max().double()
             metrics["actor/ratio_min"] = torch.where(mask, ratio, math.inf).min().double()
@@ -343,7 +345,7 @@ class MegatronActor:
     def train_step(self, batch: Dict[str, torch.Tensor],
                    groups: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, float]:
         """One optimizer step on ``batch`` (this DP rank's share). Returns finalised metrics:
-        ``loss``, ``grad_norm``, ``lr``, ``actor/entropy``, ``actor/ratio_{mean,max,min}``,
+        ``loss``, ``grad_norm``, ``lr``, ``actor/entropy``, ``actor/abs_logratio``, ``actor/ratio_{mean,max,min}``,
         ``actor/kl_ref_k3`` (with ref_logp), and the loss's own (e.g. ``ppo/clip_frac``, ``ppo/approx_kl_k3``).
         """
         from megatron_spo.algos.aggregation import finalize_metrics
