@@ -60,7 +60,7 @@ def _full(actor, hf_dir):
 
 
 def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48, *, use_te=None,
-                distributed_optimizer=False, gather_grads=True):
+                distributed_optimizer=False, gather_grads=True, agg="token-mean"):
     """Score, forward-backward, gather grads, one clipped SGD step, gather params (one layout).
 
     ``gather_grads=False`` for the distributed optimizer, whose main_grad buffers hold only this
@@ -79,7 +79,7 @@ def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48
     dp = initialize_parallel(sizes, hf_config=cfg, seed=7)
     actor = MegatronActor(cfg, optim=OptimSettings(lr=LR, clip_grad=CLIP, optimizer="sgd",
                                                    distributed_optimizer=distributed_optimizer),
-                          loss=LossSettings(name="ppo"), micro_batch_tokens=micro_batch_tokens, use_te=use_te,
+                          loss=LossSettings(name="ppo", agg=agg), micro_batch_tokens=micro_batch_tokens, use_te=use_te,
                           sequence_parallel=sizes.sequence_parallel)
     load_hf_weights(actor.model, hf_dir)
     local = shard_for_data_parallel(batch, ps.get_data_parallel_rank(), dp)
@@ -118,6 +118,10 @@ def _reference_worker(dirs, batch):
         # The same step with other micro-batch splits: one micro-batch, one row per micro-batch.
         one = _run_layout(family, ParallelSizes(), hf_dir, batch, groups=[list(range(len(batch["lengths"])))])
         rows = _run_layout(family, ParallelSizes(), hf_dir, batch, groups=[[i] for i in range(len(batch["lengths"]))])
+        if family == "qwen3":  # per-sequence aggregation: the normaliser counts sequences
+            seq = [_run_layout(family, ParallelSizes(), hf_dir, batch, groups=g, agg="seq-mean-token-mean")["loss"]
+                   for g in ([[0, 1, 2, 3]], [[0], [1], [2], [3]], [[3, 1], [0, 2]])]
+            out["seq_mean_loss_spread"] = max(seq) - min(seq)
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             logits = hf(batch["input_ids"]).logits
@@ -226,8 +230,9 @@ def test_moe_router_mapping_and_actor_input_errors(results):
 
 def test_micro_batch_split_does_not_change_loss_or_grads(results):
     refs, _ = results
+    assert refs["seq_mean_loss_spread"] <= 1e-6
     for family, r in refs.items():
-        if family in ("checks", "qwen3_vpp"):
+        if family in ("checks", "qwen3_vpp", "seq_mean_loss_spread"):
             continue
         assert r["split_loss_diff"] <= 1e-6, (family, r["split_loss_diff"])
         assert r["split_grad_diff"] <= 1e-6, (family, r["split_grad_diff"])
@@ -236,7 +241,7 @@ def test_micro_batch_split_does_not_change_loss_or_grads(results):
 def test_logprobs_equal_transformers_forward(results):
     refs, _ = results
     for family, r in refs.items():
-        if family in ("checks", "qwen3_vpp"):
+        if family in ("checks", "qwen3_vpp", "seq_mean_loss_spread"):
             continue
         assert r["hf_logp_diff"] <= 1e-5, (family, r["hf_logp_diff"])
 
@@ -244,7 +249,7 @@ def test_logprobs_equal_transformers_forward(results):
 def test_clipping_is_active_and_sgd_step_is_clipped(results):
     refs, _ = results
     for family, r in refs.items():
-        if family in ("checks", "qwen3_vpp"):
+        if family in ("checks", "qwen3_vpp", "seq_mean_loss_spread"):
             continue
         ref = r["ref"]
         assert ref["grad_norm"] > CLIP, (family, ref["grad_norm"])
@@ -271,7 +276,7 @@ def test_parallel_layouts_equal_single_process(results, model_dirs):
             assert _max_diff(res["params"], ref["params"]) <= 1e-5, where
     # And the step moved the weights by exactly -lr * clipped grad (checked against the HF file).
     for family, r in refs.items():
-        if family in ("checks", "qwen3_vpp"):
+        if family in ("checks", "qwen3_vpp", "seq_mean_loss_spread"):
             continue
         init = load_file(f"{model_dirs[family]}/model.safetensors")
         ref = r["ref"]
