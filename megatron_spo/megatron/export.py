@@ -157,6 +157,8 @@ def iter_hf_tensors(model, hf_config: Any, *, dtype: Optional[torch.dtype] = Non
     dims = model_dims(model, hf_config)
     local = local_parameters(model, dims)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    # Receive buffers live where collectives run: the GPU under nccl, the CPU under gloo.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # Who holds what: {global name: (full shape, dtype)} from every rank, exchanged once.
     mine = {}
     for gname, (param, entry) in local.items():
@@ -179,7 +181,7 @@ def iter_hf_tensors(model, hf_config: Any, *, dtype: Optional[torch.dtype] = Non
             src = owners[0]
             if dist.get_rank() != src:
                 shape, dt = everyone[src][entry.mcore]
-                full = torch.empty(shape, dtype=dt)
+                full = torch.empty(shape, dtype=dt, device=device)
             dist.broadcast(full.contiguous() if dist.get_rank() == src else full, src=src)
         for hf_name, t in mapping.mcore_to_hf(entry, full, dims):
             yield hf_name, (t if dtype is None else t.to(dtype))
