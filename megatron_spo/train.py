@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_spo.config import Config
 from megatron_spo.run import collectives, spo_state, train_batch
-from megatron_spo.run.metrics_log import MetricsLogger, plot_metrics
+from megatron_spo.run.metrics_log import MetricsLogger, PhaseClock, plot_metrics
 from megatron_spo.run.preemption import PreemptionFlag
 from megatron_spo.run.prompt_stream import PromptStream
 
@@ -102,6 +102,11 @@ def sample_prompts(run: Run) -> List[Any]:
         pool = run.stream.take(min(cfg.algo.spo.pool_size, len(run.dataset)))
         keys = [run.dataset[i].key for i in pool]
         picked = run.sampler.sample(keys, cfg.train.prompts_per_step).tolist()
+        probs = run.sampler.probabilities(keys)
+        run.metrics.update({"sampler/pool_size": float(len(pool)),
+                            "sampler/pool_sampleable": float((probs > 0).sum()),
+                            "sampler/picked_prob_mass": float(probs[picked].sum()),
+                            "sampler/picked_value_mean": float(run.tracker.values([keys[i] for i in picked]).mean())})
         return [run.dataset[pool[i]] for i in picked]
     return [run.dataset[i] for i in run.stream.take(cfg.train.prompts_per_step)]
 
@@ -181,8 +186,10 @@ def sync_weights(run: Run) -> None:
 
 
 def train_step(run: Run) -> None:
+    clock = PhaseClock(run.metrics)
     records = sample_prompts(run)
-    samples = rollout(run, records)
+    with clock("rollout"):
+        samples = rollout(run, records)
     seq_adv = advantages(run, samples)
     full = train_batch.with_advantages(train_batch.collate(samples, run.tokenizer.pad_token_id), seq_adv)
     ps = run.actor.ps
@@ -190,11 +197,14 @@ def train_step(run: Run) -> None:
     per = len(samples) // dp
     rows = list(range(dp_rank * per, (dp_rank + 1) * per))
     local = {k: v[rows[0]:rows[-1] + 1] for k, v in full.items()}
-    drift = update_policy(run, local)
+    with clock("update", tokens=float(full["loss_mask"].sum())):
+        drift = update_policy(run, local)
     if run.tracker is not None:
-        update_tracker(run, samples, local, rows, drift)
+        with clock("tracker"):
+            update_tracker(run, samples, local, rows, drift)
     run.weight_version += 1
-    sync_weights(run)
+    with clock("weight_sync"):
+        sync_weights(run)
     rewards = train_batch.rewards_of(samples)
     run.metrics.update({"reward/mean": float(rewards.mean()), "weight_version": float(run.weight_version)})
 
@@ -244,8 +254,8 @@ def train(cfg: Config) -> int:
     run = setup(cfg)
     resume(run)
     stop = PreemptionFlag(stop_file=Path(cfg.io.run_dir) / "STOP")
-    run.logger = MetricsLogger(cfg.io.run_dir, cfg.train.steps, enabled=run.rank == 0,
-                               tensorboard=cfg.io.tensorboard, start_step=run.step)
+    run.logger = MetricsLogger(cfg.io.run_dir, cfg.train.steps, enabled=run.rank == 0, tensorboard=cfg.io.tensorboard,
+                               wandb_project="megatron_spo" if cfg.io.wandb else None, start_step=run.step)
     try:
         if run.validator is not None and run.step == 0:  # the starting point of the eval curves
             run.logger.log(0, run.validator.run())

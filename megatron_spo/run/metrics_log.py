@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 Number = Union[int, float]
 
-# What the progress bar shows, in order, when present.
-BAR_KEYS = ("reward/mean", "loss", "tokens_per_s")
+# What the progress bar shows (label: metric), in order, when present.
+BAR_KEYS = {"reward": "reward/mean", "loss": "loss", "gen_tok/s": "rollout/tokens_per_s"}
 PLOT_KEYS = ("reward/mean", "loss", "grad_norm", "spo/value_mean", "spo/rho_mean", "mismatch/token_kl")
 
 
@@ -69,7 +70,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         if self._bar is not None:
-            self._bar.set_postfix({k.split("/")[0]: f"{clean[k]:.3g}" for k in BAR_KEYS if k in clean})
+            self._bar.set_postfix({label: f"{clean[k]:.3g}" for label, k in BAR_KEYS.items() if k in clean})
             self._bar.update(max(0, step + 1 - self._bar.n))
 
     def close(self) -> None:
@@ -124,3 +125,19 @@ def plot_metrics(jsonl_path: Union[str, Path], png_path: Union[str, Path],
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+class PhaseClock:
+    """``with clock(name, tokens=n):`` records ``time/<name>_s`` (and ``time/<name>_tokens_per_s``)."""
+
+    def __init__(self, metrics: Dict[str, float]) -> None:
+        self.metrics = metrics
+
+    @contextmanager
+    def __call__(self, name: str, tokens: Optional[float] = None):
+        start = time.monotonic()
+        yield
+        seconds = time.monotonic() - start
+        self.metrics[f"time/{name}_s"] = seconds
+        if tokens is not None and seconds > 0:
+            self.metrics[f"time/{name}_tokens_per_s"] = tokens / seconds

@@ -57,3 +57,17 @@ def test_stop_file_requests_a_stop(tmp_path):
     assert flag.should_stop() and "stop file" in flag.signal_name
     flag.clear_stop_file()
     assert not (tmp_path / "STOP").exists()
+
+
+def test_phase_clock_records_seconds_and_throughput():
+    from megatron_spo.run.metrics_log import PhaseClock
+
+    metrics = {}
+    clock = PhaseClock(metrics)
+    with clock("update", tokens=100.0):
+        sum(range(10000))
+    with clock("sync"):
+        pass
+    assert metrics["time/update_s"] > 0 and metrics["time/sync_s"] >= 0
+    assert metrics["time/update_tokens_per_s"] == 100.0 / metrics["time/update_s"]
+    assert "time/sync_tokens_per_s" not in metrics
