@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: List[str] = [
     "megatron_spo.train_cli",
     "megatron_spo.run.evaluate",
     "megatron_spo.run.estimate_values",
+    "megatron_spo.convert.cli",
     "megatron_spo.sandbox.cli",
     "megatron_spo.run.preflight",
     "megatron_spo.config_cli",
