@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 -m megatron_spo.convert.cli hf-to-mcore --hf DIR --out CKPT --tp 2
     torchrun --nproc_per_node=1 -m megatron_spo.convert.cli mcore-to-hf --ckpt CKPT --out HF_DIR
 
-(or ``megatron-spo convert ...`` once the sub-command is registered). Without torchrun a single
+(or ``megatron-spo convert ...``). Without torchrun a single
 process is used. ``hf-to-mcore`` writes a trainer-checkpoint root (``CKPT/step_00000000`` with the
 model only, plus ``hf/`` config and tokenizer files, published atomically), which the trainer can
 also load directly; ``mcore-to-hf`` reads such a root, a step directory, or a trainer checkpoint
