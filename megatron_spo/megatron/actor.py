@@ -75,19 +75,25 @@ class MegatronActor:
         loss: the policy loss (``LossSettings``).
         micro_batch_tokens: token budget of one padded micro-batch (rows x longest row).
         temperature: logits are divided by it before log-softmax (match the rollout sampler).
-        params_dtype, aux_loss_coef, use_te, sequence_parallel: passed to ``build_model`` (SP: GPU only).
+        params_dtype, aux_loss_coef, use_te, sequence_parallel: passed to ``build_model`` (SP: GPU only;
+            None = as given to ``initialize_parallel``).
         config_overrides: extra ``TransformerConfig`` fields (e.g. p2p communication settings).
     """
 
     def __init__(
         self, hf_config: Any, *, optim: Optional[OptimSettings] = None, loss: Optional[LossSettings] = None,
         micro_batch_tokens: int = 16384, temperature: float = 1.0, params_dtype: torch.dtype = torch.float32,
-        aux_loss_coef: float = 0.0, use_te: Optional[bool] = None, sequence_parallel: bool = False,
+        aux_loss_coef: float = 0.0, use_te: Optional[bool] = None, sequence_parallel: Optional[bool] = None,
         **config_overrides: Any,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
 
+        from megatron_spo.megatron.parallel import current_parallel_sizes
+
+        if sequence_parallel is None:  # follow initialize_parallel's setting
+            sizes = current_parallel_sizes()
+            sequence_parallel = bool(sizes and sizes.sequence_parallel)
         self.hf_config = load_hf_config(hf_config)
         self.max_positions = int(self.hf_config["max_position_embeddings"])
         self.loss = loss or LossSettings()

@@ -47,6 +47,14 @@ class ParallelSizes:
                    sequence_parallel=parallel.sequence_parallel)
 
 
+_CURRENT: Optional[ParallelSizes] = None
+
+
+def current_parallel_sizes() -> Optional[ParallelSizes]:
+    """The sizes of the last ``initialize_parallel`` in this process (None before / after teardown)."""
+    return _CURRENT
+
+
 def _hf_get(hf_config: Any, key: str, default: Any = None) -> Any:
     if isinstance(hf_config, dict):
         return hf_config.get(key, default)
@@ -149,6 +157,8 @@ def initialize_parallel(sizes: ParallelSizes = ParallelSizes(), *, hf_config: An
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    global _CURRENT
+    _CURRENT = sizes
     return dp
 
 
@@ -156,6 +166,8 @@ def teardown_parallel(destroy_process_group: bool = True) -> None:
     """Destroy megatron parallel state (and the torch.distributed group unless told otherwise)."""
     from megatron.core import parallel_state
 
+    global _CURRENT
+    _CURRENT = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
