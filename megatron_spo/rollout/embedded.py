@@ -2,8 +2,9 @@
 
 Requests (token ids) are batched left-padded: ``input_ids``/``attention_mask`` ``[B, P]`` with
 ``position_ids = cumsum(mask) - 1``, one prefill forward, then one ``[B, 1]`` decode forward per
-step reusing the model's ``DynamicCache``. Rows that finish are dropped from the batch (and the
-cache), so a long tail does not pay for finished rows. ``generate`` is not used: it cannot return
+step reusing an HF KV cache (a preallocated ``StaticCache`` by default, so no per-step
+concatenation). Rows that finish are dropped from the batch (and the cache), so a long tail does
+not pay for finished rows. ``generate`` is not used: it cannot return
 the untruncated sampling log-probs at temperature != 1 without storing ``[B, N, V]`` logits.
 
 Concurrency: ``generate`` runs a batch in the caller's thread; ``agenerate`` hands the request to
@@ -87,13 +88,15 @@ class EmbeddedEngine:
         max_context: context window in tokens (prompt + generation); default the config's
             ``max_position_embeddings``.
         pause_timeout_s: how long a synchronous ``generate`` waits for ``resume`` before raising.
+        cache: "static" (default: one preallocated ``[B, H, P + N, D]`` KV buffer per layer, no
+            per-step concatenation; finished rows are compacted away) or "dynamic" (HF DynamicCache).
     """
 
     name = "embedded"
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype = torch.float32, max_batch: int = 64,
                  batch_wait_s: float = 0.005, seed: int = 0, max_context: Optional[int] = None,
-                 pause_timeout_s: float = 600.0):
+                 pause_timeout_s: float = 600.0, cache: str = "static"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = str(model_dir)
@@ -109,6 +112,9 @@ class EmbeddedEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = getattr(self.config, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        if cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        self.cache_impl = cache
         self.max_batch = int(max_batch)
         self.batch_wait_s = float(batch_wait_s)
         self.pause_timeout_s = float(pause_timeout_s)
@@ -351,20 +357,39 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def _run_batch(self, reqs: List[_Request]) -> List[GenerateResult]:
-        from transformers import DynamicCache
-
         with self._lock:
             epoch = self._abort_epoch
             version = self._version
             for r in reqs:
                 self._inflight[r.request_id] = r
             try:
-                return self._decode(reqs, epoch, version, DynamicCache)
+                return self._decode(reqs, epoch, version)
             finally:
                 for r in reqs:
                     self._inflight.pop(r.request_id, None)
 
-    def _decode(self, reqs: List[_Request], epoch: int, version: int, cache_cls) -> List[GenerateResult]:
+    def _new_cache(self, total_len: int):
+        from transformers import DynamicCache, StaticCache
+
+        if self.cache_impl == "static":
+            return StaticCache(config=self.model.config, max_cache_len=total_len)
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def _select_rows(cache, sel: torch.Tensor) -> None:
+        """Keep only batch rows ``sel`` of the KV cache (finished rows leave the batch)."""
+        from transformers import StaticCache
+
+        if not isinstance(cache, StaticCache):
+            cache.batch_select_indices(sel)
+            return
+        for layer in cache.layers:  # StaticLayer has no batch_select_indices: index its buffers
+            if getattr(layer, "is_initialized", False):
+                layer.keys = layer.keys.index_select(0, sel)
+                layer.values = layer.values.index_select(0, sel)
+                layer.batch_size = int(sel.numel())
+
+    def _decode(self, reqs: List[_Request], epoch: int, version: int) -> List[GenerateResult]:
         rows = [self._new_row(r) for r in reqs]
         results: List[Optional[GenerateResult]] = [None] * len(rows)
         width = max(len(r.prompt) for r in reqs)
@@ -374,9 +399,10 @@ class EmbeddedEngine:
             ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
             mask[i, width - len(r.prompt):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = cache_cls(config=self.model.config)
+        cache = self._new_cache(width + max(r.limit for r in rows))
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
+                            use_cache=True, cache_position=torch.arange(width), logits_to_keep=1).logits[:, -1]
+        filled = width  # cache slots written so far (same for every row: rows are left-padded)
         next_pos = pos[:, -1] + 1
         active = list(range(len(rows)))
 
@@ -418,12 +444,14 @@ class EmbeddedEngine:
                 break
             if len(keep) < len(active):
                 sel = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(sel)
+                self._select_rows(cache, sel)
                 mask, next_pos, tok = mask[sel], next_pos[sel], tok[sel]
                 active = [active[j] for j in keep]
                 temp, top_k, top_p = settings(active)
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
             logits = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+                                past_key_values=cache, use_cache=True,
+                                cache_position=torch.tensor([filled])).logits[:, -1]
+            filled += 1
             next_pos = next_pos + 1
         return results  # type: ignore[return-value]

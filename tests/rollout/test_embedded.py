@@ -274,3 +274,15 @@ def test_other_families_exact_logprobs_and_tied_weight_update(tmp_path, family):
         assert "lm_head.weight" not in load_hf_state(b)
         assert torch.equal(eng.model.lm_head.weight, load_hf_state(b)["model.embed_tokens.weight"])
     eng.close()
+
+
+def test_static_and_dynamic_kv_caches_sample_the_same(model_dirs):
+    """Same seed, rows finishing at different steps (compaction): identical tokens and log-probs."""
+    out = {}
+    for kind in ("static", "dynamic"):
+        eng = EmbeddedEngine(model_dirs[0], cache=kind)
+        out[kind] = eng.generate(PROMPTS, SamplingParams(max_new_tokens=30, seed=5, stop_token_ids=(40, 41, 42)))
+        eng.close()
+    for s, d in zip(out["static"], out["dynamic"]):
+        assert s.token_ids == d.token_ids and s.finish_reason == d.finish_reason
+        assert max(abs(a - b) for a, b in zip(s.logprobs, d.logprobs)) <= 1e-5
