@@ -151,7 +151,7 @@ def test_run_sh_trains_two_steps_against_a_real_sandbox(hf_dir, tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, RUN_DIR=str(run_dir), SANDBOX_PORT=str(port), N_PROBLEMS="40",
                OMP_NUM_THREADS="2", MEGATRON_SPO_CACHE=str(hf_dir.parent),
-               SANDBOX_ARGS="--concurrency 2 --uid-base 61300")
+               SANDBOX_ARGS="--concurrency 2 --uid-base 61770")
     overrides = ["train.steps=2", "train.prompts_per_step=2", "train.updates_per_step=1",
                  "rollout.max_response_len=48", "io.tensorboard=false", "train.save_every=0"]
     cmd = ["bash", str(EXAMPLE / "run.sh")] + [a for o in overrides for a in ("--set", o)]
