@@ -81,6 +81,42 @@ def test_unfinished_conversion_is_not_taken_for_a_finished_one(tmp_path):
     assert smollm2.is_converted(tmp_path)
 
 
+def test_example_config_loads_with_run_sh_overrides():
+    from megatron_spo.config import load_config
+
+    cfg = load_config(EXAMPLE / "smollm2_sandbox.yaml", ["model.path=/m", "data.train_path=/d.jsonl"])
+    assert (cfg.rollout.agent, cfg.rollout.engine, cfg.data.reward) == ("spo_code", "embedded", "math_verify")
+    assert (cfg.train.prompts_per_step, cfg.rollout.max_response_len, cfg.algo.advantage) == (8, 256, "spo")
+    assert 1e-6 <= cfg.optim.lr <= 1e-5 and cfg.model.dtype == "float32"
+
+
+def test_dataset_generator_rows_are_distinct_and_correct(tmp_path):
+    import operator
+    import re
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import make_data
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    path = make_data.write(tmp_path / "train.jsonl", 300, seed=3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 300 and len({r["prompt"] for r in rows}) == 300
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+    for r in rows:
+        a, op, b = re.fullmatch(r"What is (\d\d) ([-+*]) (\d\d)\?", r["prompt"]).groups()
+        assert r["answer"] == str(ops[op](int(a), int(b)))
+    assert make_data.problems(300, seed=3) == rows  # deterministic in the seed
+    with pytest.raises(ValueError, match="distinct problems"):
+        make_data.problems(10**6)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (.ci/run installs it)")
+def test_run_sh_passes_shellcheck():
+    out = subprocess.run(["shellcheck", str(EXAMPLE / "run.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # (1) the converted directory
 
