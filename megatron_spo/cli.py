@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: List[str] = [
     "megatron_spo.run.estimate_values",
     "megatron_spo.convert.cli",
     "megatron_spo.sandbox.cli",
+    "megatron_spo.rollout.http_server",
     "megatron_spo.run.preflight",
     "megatron_spo.config_cli",
 ]
