@@ -155,6 +155,20 @@ async def model_turn(engine: Engine, sample: Sample, cfg: AgentLoopConfig,
     return ids, finish_reason
 
 
+def turn_limit_reached(sample: Sample, cfg: AgentLoopConfig, engine_finish: str) -> bool:
+    """After a model turn: set ``finish_reason`` and return True if the token budget or a turn limit ends
+    the trajectory (checked in the reference's order: length, assistant turns, user turns)."""
+    if engine_finish == "length" or len(sample.response_ids) >= cfg.max_response_len:
+        sample.finish_reason = "length"
+    elif sample.assistant_turns >= cfg.max_assistant_turns:
+        sample.finish_reason = "max_assistant_turns"
+    elif sample.user_turns >= cfg.max_user_turns:
+        sample.finish_reason = "max_user_turns"
+    else:
+        return False
+    return True
+
+
 def call_seed(seed: int, uid: str, position: int) -> int:
     """A 31-bit sampling seed for one engine call of sample ``uid`` starting at token ``position``."""
     return zlib.crc32(f"{seed}|{uid}|{position}".encode()) & 0x7FFFFFFF
@@ -304,14 +318,7 @@ class SPOCodeAgentLoop:
             if turn is None:
                 break
             ids, engine_finish = turn
-            if engine_finish == "length" or len(sample.response_ids) >= cfg.max_response_len:
-                sample.finish_reason = "length"
-                break
-            if sample.assistant_turns >= cfg.max_assistant_turns:
-                sample.finish_reason = "max_assistant_turns"
-                break
-            if sample.user_turns >= cfg.max_user_turns:
-                sample.finish_reason = "max_user_turns"
+            if turn_limit_reached(sample, cfg, engine_finish):
                 break
             blocks = CODE_BLOCK.findall(self.tokenizer.decode(ids, skip_special_tokens=False))
             if not blocks:

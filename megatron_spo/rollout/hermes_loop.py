@@ -26,7 +26,7 @@ import re
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from megatron_spo.rollout.agent_loop import (
-    AgentLoopConfig, call_tool, check_prompt, finish, model_turn, start_sample,
+    AgentLoopConfig, call_tool, check_prompt, finish, model_turn, start_sample, turn_limit_reached,
 )
 from megatron_spo.rollout.code_tool import CodeTool, truncate_middle, wrap_last_line_print
 from megatron_spo.rollout.engine import Engine, SamplingParams
@@ -136,14 +136,7 @@ class HermesToolAgentLoop:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             content = text[: -len(self.eos_text)] if self.eos_text and text.endswith(self.eos_text) else text
             conv.append({"role": "assistant", "content": content})
-            if engine_finish == "length" or len(sample.response_ids) >= cfg.max_response_len:
-                sample.finish_reason = "length"
-                break
-            if sample.assistant_turns >= cfg.max_assistant_turns:
-                sample.finish_reason = "max_assistant_turns"
-                break
-            if sample.user_turns >= cfg.max_user_turns:
-                sample.finish_reason = "max_user_turns"
+            if turn_limit_reached(sample, cfg, engine_finish):
                 break
             calls, parse_errors = parse_tool_calls(content)
             for e in parse_errors:

@@ -135,13 +135,19 @@ class HttpEngineClient:
                 resp = self._sync.request(method, self.url + path, json=body, params=params,
                                           timeout=self._timeout(timeout_s or self.control_timeout_s))
                 return self._check(method, path, resp, parse)
-            except _Retryable as err:
-                reason = str(err)
-            except httpx.TimeoutException as err:
-                reason = f"timed out after {timeout_s or self.control_timeout_s} s ({type(err).__name__})"
-            except httpx.TransportError as err:
-                reason = f"unreachable ({type(err).__name__}: {err})"
+            except (_Retryable, httpx.TransportError) as err:  # TimeoutException is a TransportError
+                reason = self._retry_reason(err, timeout_s)
         raise self._fail(method, path, retries + 1, reason)
+
+    def _retry_reason(self, err: Exception, timeout_s: Optional[float]) -> str:
+        """Why an attempt failed, for the final error message (retryable failures only)."""
+        import httpx
+
+        if isinstance(err, httpx.TimeoutException):
+            return f"timed out after {timeout_s or self.control_timeout_s} s ({type(err).__name__})"
+        if isinstance(err, httpx.TransportError):
+            return f"unreachable ({type(err).__name__}: {err})"
+        return str(err)
 
     async def arequest(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, *,
                        params: Optional[Dict[str, Any]] = None, timeout_s: Optional[float] = None,
@@ -159,12 +165,8 @@ class HttpEngineClient:
                 resp = await client.request(method, self.url + path, json=body, params=params,
                                             timeout=self._timeout(timeout_s or self.control_timeout_s))
                 return self._check(method, path, resp, parse)
-            except _Retryable as err:
-                reason = str(err)
-            except httpx.TimeoutException as err:
-                reason = f"timed out after {timeout_s or self.control_timeout_s} s ({type(err).__name__})"
-            except httpx.TransportError as err:
-                reason = f"unreachable ({type(err).__name__}: {err})"
+            except (_Retryable, httpx.TransportError) as err:
+                reason = self._retry_reason(err, timeout_s)
         raise self._fail(method, path, retries + 1, reason)
 
     def health(self) -> bool:

@@ -270,6 +270,20 @@ def _uid_procs(uid: int) -> Tuple[List[int], List[int]]:
     return live, our_zombies
 
 
+def _sigkill(pids: Sequence[int]) -> int:
+    """SIGKILL each pid (already gone is fine), then yield briefly so the kernel can tear them down;
+    returns how many signals were delivered."""
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    time.sleep(0.002)
+    return killed
+
+
 def kill_uid(uid: int, exclude: Sequence[int] = (), rounds: int = 50) -> int:
     """SIGKILL every process of ``uid`` until none is left, then reap its zombies that were re-parented to
     us (never the pids in ``exclude``: those belong to asyncio's child watcher). Returns how many were killed.
@@ -290,13 +304,7 @@ def kill_uid(uid: int, exclude: Sequence[int] = (), rounds: int = 50) -> int:
                     pass
         if not live:
             return killed
-        for pid in live:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-        time.sleep(0.002)
+        killed += _sigkill(live)
     log.error("uid %d still has processes after %d kill rounds: %s", uid, rounds, _uid_procs(uid)[0])
     return killed
 
@@ -377,13 +385,7 @@ class CgroupV1:
                     break
                 if not pids:
                     break
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        killed += 1
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.002)
+                killed += _sigkill(pids)
         return killed
 
     def teardown(self) -> None:
