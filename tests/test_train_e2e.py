@@ -12,9 +12,11 @@ Set-up (module fixtures, once):
 - the sandbox server (``python -m megatron_spo.sandbox.cli serve``: bubblewrap, per-slot uids) on a
   free 127.0.0.1 port. Without bwrap or root the tests skip with that reason; there is no unsafe mode.
 
-Runs (``python -m torch.distributed.run --nproc-per-node 2 -m megatron_spo.train``, tensor parallel 2,
-``OMP_NUM_THREADS=1``), sharing one config: ``train.steps=5``, 4 prompts per step drawn by the
-prioritized sampler from a pool of 8, 2 updates per step, a checkpoint every 3 steps:
+Runs (``python -m torch.distributed.run --nproc-per-node 2 -m megatron_spo.train``, ``OMP_NUM_THREADS=1``),
+for each of the two 2-process layouts -- tensor parallel 2 (weights exported from TP shards) and data
+parallel 2 (the batch split over ranks, exact-ρ rows gathered) -- sharing one config: ``train.steps=5``,
+4 prompts per step drawn by the prioritized sampler from a pool of 8, 2 updates per step, a
+checkpoint every 3 steps:
 
 - A: uninterrupted, 5 steps;
 - B: the same, SIGKILLed (the whole process group) as soon as its step-3 checkpoint is published,
@@ -65,6 +67,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 STEPS, PROMPTS_PER_STEP, POOL = 5, 4, 8
 RHO_MAX = 0.96  # config default algo.spo.rho_max: ρ of a first visit (distance 0)
 KILL_AFTER = 3  # checkpoint step after which run B is killed
+LAYOUTS = {"tp2": "parallel.tensor=2", "dp2": "parallel.tensor=1"}  # 2 processes: TP=2 x DP=1, or DP=2
 TIMING_KEYS = re.compile(r"(^time$|^time/|seconds|per_s$)")
 # Statistics of the engine's sampling log-probs. The embedded engine batches whatever requests are in
 # flight (timing-dependent) and a row's log-probs change in the last bits with the batch's padding
@@ -134,9 +137,14 @@ def prepared(tmp_path_factory):
     return root / "warm", support.write_dataset(root / "data" / "train.jsonl")
 
 
-def trainer_cmd(run_dir: Path, model: Path, data: Path, sandbox_url: str, *extra: str) -> List[str]:
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout(request) -> str:
+    return request.param
+
+
+def trainer_cmd(run_dir: Path, model: Path, data: Path, sandbox_url: str, layout: str, *extra: str) -> List[str]:
     sets = [
-        f"model.path={model}", "model.max_seq_len=640", "parallel.tensor=2",
+        f"model.path={model}", "model.max_seq_len=640", LAYOUTS[layout],
         "rollout.agent=spo_code", f"rollout.sandbox_url={sandbox_url}", "rollout.max_response_len=48",
         "rollout.max_concurrency=4", f"data.train_path={data}", f"data.reward={support.REWARD}",
         "data.max_prompt_len=600", f"train.steps={STEPS}", f"train.prompts_per_step={PROMPTS_PER_STEP}",
@@ -187,20 +195,25 @@ def step_of(uid: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def run_a(tmp_path_factory, prepared, sandbox):
+def run_a(tmp_path_factory, prepared, sandbox, layout):
     """The uninterrupted 5-step run: (run dir, metrics per step, reward log, sandbox runs served)."""
     model, data = prepared
-    root = tmp_path_factory.mktemp("run_a")
+    root = tmp_path_factory.mktemp(f"run_a_{layout}")
     run_dir, rewards = root / "run", root / "rewards.jsonl"
     served_before = health(sandbox)["served"]
-    text = run_trainer(trainer_cmd(run_dir, model, data, sandbox), trainer_env(rewards), root / "trainer.log")
+    text = run_trainer(trainer_cmd(run_dir, model, data, sandbox, layout), trainer_env(rewards), root / "trainer.log")
     served = health(sandbox)["served"] - served_before
     assert f"done: {STEPS} steps" in text
     return run_dir, by_step(metric_lines(run_dir)), reward_log(rewards), served
 
 
-def test_five_steps_finite_losses_and_real_tool_calls(run_a):
+def test_five_steps_finite_losses_and_real_tool_calls(run_a, layout):
     run_dir, metrics, samples, served = run_a
+    from megatron_spo.checkpoint_dir import MARKER, step_dir_name
+
+    manifest = json.loads((run_dir / "checkpoints" / step_dir_name(STEPS) / MARKER).read_text())
+    ran = manifest["meta"]["layout"]
+    assert ran["world_size"] == 2 and ran["tp"] == (2 if layout == "tp2" else 1), ran
     assert sorted(metrics) == list(range(STEPS))
     for step, m in metrics.items():
         for key in ("loss", "grad_norm", "reward/mean", "spo/value_mean"):
@@ -287,12 +300,12 @@ def kill_tree(proc: subprocess.Popen) -> List[int]:
     return [p.pid for p in tree]
 
 
-def test_kill_after_checkpoint_then_resume_is_bit_identical(run_a, tmp_path, prepared, sandbox):
+def test_kill_after_checkpoint_then_resume_is_bit_identical(run_a, tmp_path, prepared, sandbox, layout):
     from megatron_spo.checkpoint_dir import MARKER, step_dir_name
 
     model, data = prepared
     run_dir = tmp_path / "run"
-    cmd = trainer_cmd(run_dir, model, data, sandbox)
+    cmd = trainer_cmd(run_dir, model, data, sandbox, layout)
     ckpt = run_dir / "checkpoints" / step_dir_name(KILL_AFTER) / MARKER
     log_path = tmp_path / "killed.log"
     with open(log_path, "w") as log:
