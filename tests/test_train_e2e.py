@@ -238,7 +238,7 @@ def test_five_steps_finite_losses_and_real_tool_calls(run_a, layout):
         assert out.strip() == str(a * b), (a, b, out)
 
 
-def test_tracker_updated_for_exactly_the_sampled_prompts(run_a, prepared):
+def test_tracker_updated_for_exactly_the_sampled_prompts(run_a):
     _, metrics, samples, _ = run_a
     dataset_keys = {q for q, _ in support.problems()}
     per_step: Dict[int, Dict[str, float]] = {}
