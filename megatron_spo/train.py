@@ -281,6 +281,10 @@ def train(cfg: Config) -> int:
     finally:
         run.logger.close()
         stop.restore()
+        if run.rank == 0:
+            from megatron_spo.run.engines import close_rollout
+
+            close_rollout(run.engine, run.validator, run.phase)
     if run.rank == 0:
         png = plot_metrics(Path(cfg.io.run_dir) / "metrics.jsonl", Path(cfg.io.run_dir) / "metrics.png")
         print(f"done: {run.step} steps; metrics in {cfg.io.run_dir}/metrics.jsonl, plot {png}", flush=True)

@@ -61,8 +61,6 @@ import pytest
 
 import train_e2e_support as support
 
-pytestmark = pytest.mark.slow
-
 TESTS_DIR = Path(__file__).resolve().parent
 STEPS, PROMPTS_PER_STEP, POOL = 5, 4, 8
 RHO_MAX = 0.96  # config default algo.spo.rho_max: ρ of a first visit (distance 0)
@@ -137,7 +135,8 @@ def prepared(tmp_path_factory):
     return root / "warm", support.write_dataset(root / "data" / "train.jsonl")
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+# TP=2 runs in the default suite; DP=2 (same checks, the other 2-process layout) with the slow tests.
+@pytest.fixture(scope="module", params=["tp2", pytest.param("dp2", marks=pytest.mark.slow)])
 def layout(request) -> str:
     return request.param
 
@@ -239,7 +238,7 @@ def test_five_steps_finite_losses_and_real_tool_calls(run_a, layout):
 
 
 def test_tracker_updated_for_exactly_the_sampled_prompts(run_a):
-    _, metrics, samples, _ = run_a
+    run_dir, metrics, samples, _ = run_a
     dataset_keys = {q for q, _ in support.problems()}
     per_step: Dict[int, Dict[str, float]] = {}
     for s in samples:
@@ -263,6 +262,16 @@ def test_tracker_updated_for_exactly_the_sampled_prompts(run_a):
         assert m["spo/visited_prompts"] == len(seen)
         assert m["spo/value_mean"] == pytest.approx(sum(value.values()) / len(value), abs=1e-12)
         assert m["spo/value_mean_visited"] == pytest.approx(sum(value[k] for k in seen) / len(seen), abs=1e-12)
+    # The tracker saved in the final checkpoint: visited exactly once for each sampled key, untouched elsewhere.
+    from megatron_spo.megatron.checkpoint import read_caller_state
+
+    state = read_caller_state(run_dir / "checkpoints")["tracker"]
+    visits = dict(zip(state["keys"], state["n_visits"].tolist()))
+    assert set(visits) == dataset_keys and sum(visits.values()) == STEPS * PROMPTS_PER_STEP
+    assert {k for k, n in visits.items() if n} == seen and all(n in (0, 1) for n in visits.values())
+    saved = (state["alpha"] / (state["alpha"] + state["beta"])).tolist()
+    for k, v in zip(state["keys"], saved):
+        assert v == pytest.approx(value[k], abs=1e-12), k
     print(f"rewards per step: {[sorted(per_step[s].values()) for s in range(STEPS)]}")
 
 

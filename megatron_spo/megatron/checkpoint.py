@@ -240,3 +240,12 @@ def load_checkpoint(
     dist.barrier()
     return LoadedCheckpoint(path=chosen, step=int(common["step"]), caller_state=common["caller"],
                             rank_state=rank_state, rng_restored=rng_restored)
+
+
+def read_caller_state(path: Union[str, Path]) -> Dict[str, Any]:
+    """The ``caller_state`` of the newest complete checkpoint under ``path`` (a root or a step dir),
+    read from the common state alone: no model, no process group (for inspection and tests)."""
+    from megatron.core import dist_checkpointing
+
+    chosen = cdir.find_resumable(path)
+    return dist_checkpointing.load_common_state_dict(str(chosen / "dist"))["common"]["caller"]

@@ -18,14 +18,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import glob
-import itertools
 import os
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch

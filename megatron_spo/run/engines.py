@@ -77,6 +77,15 @@ def context_len(engine: Engine) -> Optional[int]:
     return int(value) if value is not None else None
 
 
+def close_rollout(engine: Optional[Engine], *phases) -> None:
+    """Close rollout phases (their event loops and sandbox sessions; None is skipped), then the engine."""
+    for phase in phases:
+        if phase is not None:
+            phase.close()
+    if engine is not None:
+        close_engine(engine)
+
+
 def close_engine(engine: Engine) -> None:
     """Close an engine from :func:`build_engine`, and the URL clients of a fleet (the fleet leaves them open)."""
     close = getattr(engine, "close", None)

@@ -167,6 +167,12 @@ class RolloutPhase:
         self.context_len = context_len
         self.skip_bad_rows = skip_bad_rows
         self.max_retries = max_retries
+        if tool is None and cfg.agent != "single_turn":
+            from megatron_spo.rollout.code_tool import SandboxFusionTool
+
+            tool = self._own_tool = SandboxFusionTool(cfg.sandbox_url)  # closed with the phase
+        else:
+            self._own_tool = None
         self.loop = build_agent_loop(cfg.agent, tokenizer,
                                      loop_config(cfg, max_prompt_len=max_prompt_len, context_len=context_len,
                                                  seed=seed),
@@ -275,8 +281,10 @@ class RolloutPhase:
             self.arun(records, n, mode=mode, uid_prefix=uid_prefix, source=source, on_sample=on_sample))
 
     def close(self) -> None:
-        """Close the phase's event loop (not the engine: its owner closes it)."""
+        """Close the phase's event loop and the sandbox tool it created (not the engine: its owner closes it)."""
         if self._event_loop is not None and not self._event_loop.is_closed():
+            if self._own_tool is not None:  # its HTTP session lives on this event loop
+                self._event_loop.run_until_complete(self._own_tool.aclose())
             self._event_loop.run_until_complete(self._event_loop.shutdown_asyncgens())
             self._event_loop.close()
 

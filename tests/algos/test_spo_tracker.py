@@ -6,7 +6,6 @@ Golden values are computed by hand in the comments or with plain Python/NumPy ar
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest

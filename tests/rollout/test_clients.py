@@ -147,7 +147,6 @@ def test_pause_gives_abort_then_resume(served):
 
 def test_prompt_longer_than_context_is_a_request_error_not_retried(served):
     engine, client = served
-    t0 = time.monotonic()
     with pytest.raises(RequestError, match=r"HTTP 400: .*prompt has 300 tokens, the context window is 256"):
         client.generate([[3] * 300], SamplingParams(max_new_tokens=4))
     with pytest.raises(RequestError, match="400"):
@@ -219,7 +218,6 @@ class FakeServer:
 def test_unreachable_server_is_an_engine_error_naming_the_url(kind):
     url = f"http://127.0.0.1:{_free_port()}"
     client = make_client(kind, url, retries=2, backoff_s=0.01, timeout_s=5)
-    t0 = time.monotonic()
     with pytest.raises(EngineError, match=rf"{url}.*unreachable.*after 3 attempt"):
         client.generate([[1, 2]], SamplingParams(max_new_tokens=2))
     with pytest.raises(EngineError, match=url):

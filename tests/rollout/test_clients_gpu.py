@@ -7,7 +7,6 @@ server's greedy continuation and log-probs now follow that second model.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
