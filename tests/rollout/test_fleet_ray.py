@@ -28,7 +28,7 @@ def test_ray_fleet_kill_mid_rollout_exactly_once_and_restart(tmp_path):
         launcher = fleet.launcher
         first_actor = launcher.actors[0]
         n = 16
-        sp = SamplingParams(max_new_tokens=120, ignore_eos=True)
+        sp = SamplingParams(max_new_tokens=240, ignore_eos=True)  # near the 256-token context: long enough that the kill lands mid-generation
         arrived = collections.Counter()
 
         async def rollout():
@@ -41,14 +41,14 @@ def test_ray_fleet_kill_mid_rollout_exactly_once_and_restart(tmp_path):
             t0 = time.monotonic()
             while fleet.endpoints[0].inflight == 0 and time.monotonic() - t0 < 60:
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.05)
             assert fleet.endpoints[0].inflight > 0
             launcher.kill(0)  # the server process dies; its actor survives
             return await asyncio.gather(*tasks)
 
         results = asyncio.run(rollout())
         assert arrived == collections.Counter({f"s{i}": 1 for i in range(n)})
-        assert all(len(r.token_ids) == 120 for r in results) and fleet.retries >= 1
+        assert all(len(r.token_ids) == 240 for r in results) and fleet.retries >= 1
 
         t0 = time.monotonic()
         while not (fleet.endpoints[0].incarnation == 1 and fleet.endpoints[0].healthy) and time.monotonic() - t0 < 180:
