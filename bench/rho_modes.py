@@ -40,11 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from megatron_spo.run.fresh_process import in_fresh_process
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,20 +300,6 @@ def run_mode(mode: str, warm: str, data: str, run_dir: str, *, steps: int, seed:
     return out
 
 
-def _logged(log_path: str, fn, args, kwargs):
-    import contextlib
-
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return fn(*args, **kwargs)
-
-
-def _in_process(log_path: Path, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a fresh spawned process (megatron's parallel state is per process)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_logged, str(log_path), fn, args, kwargs).result()
 
 
 def _fmt(x: float) -> str:
@@ -334,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     run_dir = Path(a.run_dir)
     warm, data = prepare(run_dir, warm_steps=a.warm_steps, warm_lr=a.warm_lr, seed=a.seed)
-    res = {mode: _in_process(run_dir / f"{mode}.log", run_mode, mode, str(warm), str(data), str(run_dir / mode),
+    res = {mode: in_fresh_process(run_dir / f"{mode}.log", run_mode, mode, str(warm), str(data), str(run_dir / mode),
                              steps=a.steps, seed=a.seed)
            for mode in ("exact", "accumulated")}
     ex, acc = res["exact"]["forward"], res["accumulated"]["forward"]

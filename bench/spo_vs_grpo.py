@@ -37,11 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from megatron_spo.run.fresh_process import in_fresh_process
 
 
 def _eval_avg(run: Any, k: int) -> float:
@@ -111,21 +112,6 @@ def run_arm(algo: str, warm: str, data: str, run_dir: str, *, seed: int, eval_sa
     return {"steps": steps, "evals": evals, "seconds": seconds}
 
 
-def _logged(log_path: str, fn, args, kwargs):
-    """Run ``fn`` with its stdout/stderr (config dump, library warnings) going to ``log_path``."""
-    import contextlib
-
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return fn(*args, **kwargs)
-
-
-def _in_process(log_path: Path, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a fresh spawned process (megatron's parallel state is per process)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_logged, str(log_path), fn, args, kwargs).result()
 
 
 def window_reward(steps: List[Dict[str, float]], lo_step: int, hi_step: int) -> float:
@@ -208,10 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = Path(a.run_dir)
     warm, data = prepare(run_dir, warm_steps=a.warm_steps, warm_lr=a.warm_lr, seed=a.seed)
     common = dict(seed=a.seed, eval_samples=a.eval_samples, max_steps=2 * a.steps)
-    spo = _in_process(run_dir / "spo.log", run_arm, "spo", str(warm), str(data), str(run_dir / "spo"),
+    spo = in_fresh_process(run_dir / "spo.log", run_arm, "spo", str(warm), str(data), str(run_dir / "spo"),
                       stop_steps=a.steps, eval_every=a.eval_every, **common)
     checkpoints = [e["tokens"] for e in spo["evals"][1:]]
-    grpo = _in_process(run_dir / "grpo.log", run_arm, "grpo", str(warm), str(data), str(run_dir / "grpo"),
+    grpo = in_fresh_process(run_dir / "grpo.log", run_arm, "grpo", str(warm), str(data), str(run_dir / "grpo"),
                        token_checkpoints=checkpoints, **common)
     k = a.eval_samples
     print(f"SPO vs GRPO on the demo task, equal generated tokens (budget {checkpoints[-1]:.0f} = SPO's {a.steps} "

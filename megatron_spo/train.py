@@ -251,6 +251,8 @@ def resume(run: Run) -> None:
 
 
 def train(cfg: Config) -> int:
+    """Run (or resume) the whole training. Call it under ``if __name__ == "__main__":`` in a script:
+    checkpoint saving starts helper processes that re-import the main module."""
     run = setup(cfg)
     resume(run)
     stop = PreemptionFlag(stop_file=Path(cfg.io.run_dir) / "STOP")
