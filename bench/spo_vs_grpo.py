@@ -3,17 +3,17 @@
 Both arms are the ordinary trainer (``megatron_spo.train.setup`` + ``train_step``: Megatron actor,
 embedded engine, PPO-clip update) on the demo task "What is a + b?" (100 problems, reward 1 for
 ``\\boxed{a+b}``), from the SAME warm-started model (``megatron_spo.demo.prepare``), the same seed and
-the demo config (``demo_overrides``): 32 responses per step in both arms —
+the demo config (``demo_overrides``): 64 responses per step in both arms —
 
-- **SPO**: 32 prompts x 1 response, prioritized sampling, baseline from the per-prompt value tracker;
-- **GRPO**: 4 prompts x 8 responses, group-normalised advantages.
+- **SPO**: 64 prompts x 1 response, prioritized sampling, baseline from the per-prompt value tracker;
+- **GRPO**: 8 prompts x 8 responses, group-normalised advantages.
 
 Equal generated tokens: the SPO arm runs ``--steps`` steps; its total of generated (model) tokens
 ``B`` is the budget. The GRPO arm then runs until it has generated at least ``B`` tokens (at most
 ``2 x steps`` steps). Evaluation checkpoints are token counts: the SPO arm evaluates every
 ``--eval-every`` steps and records its token count there; the GRPO arm evaluates at the first step
 whose cumulative token count reaches each of those counts (so the two differ by less than one
-step's tokens, ~32 x 8). Evaluation is ``avg@k`` (mean reward over k samples per problem, T = 1.0,
+step's tokens, ~64 x 8). Evaluation is ``avg@k`` (mean reward over k samples per problem, T = 1.0,
 top-p 1, the trainer's validation path) on all 100 problems; ``k = --eval-samples``.
 
 Output: a table (per checkpoint: tokens, mean train reward since the previous checkpoint, eval
@@ -159,7 +159,7 @@ def plot(spo: Dict[str, Any], grpo: Dict[str, Any], k: int, path: Path, window: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for name, arm, color in (("SPO 32x1", spo, "tab:blue"), ("GRPO 4x8", grpo, "tab:orange")):
+    for name, arm, color in (("SPO 64x1", spo, "tab:blue"), ("GRPO 8x8", grpo, "tab:orange")):
         x = [s["tokens"] for s in arm["steps"]]
         axes[0].plot(x, moving_average([s["reward"] for s in arm["steps"]], window), color=color, label=name)
         axes[1].plot([e["tokens"] for e in arm["evals"]], [e["avg"] for e in arm["evals"]], marker="o",

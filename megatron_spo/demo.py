@@ -86,7 +86,7 @@ def demo_overrides(run_dir: Path, model_dir: Path, data: Path, algo: str, steps:
     """The config of the demo run (everything else is the default tree)."""
     out = [
         f"model.path={model_dir}", f"data.train_path={data}", f"data.reward={DEMO_REWARD}",
-        f"io.run_dir={run_dir / 'train'}", f"train.steps={steps}", "train.updates_per_step=2",
+        f"io.run_dir={run_dir / 'train'}", f"train.steps={steps}", "train.updates_per_step=4",
         "train.save_every=50", "train.micro_batch_tokens=4096", "rollout.max_response_len=8",
         "rollout.max_concurrency=64", "model.max_seq_len=256", "optim.lr=1e-3", "optim.lr_schedule=cosine", "optim.min_lr=1e-4",
         "optim.clip_grad=1.0",
@@ -96,9 +96,9 @@ def demo_overrides(run_dir: Path, model_dir: Path, data: Path, algo: str, steps:
         "rollout.eval_top_k=-1", "rollout.eval_samples=8", "train.eval_every=50",
     ]
     if algo == "spo":
-        out += ["algo.advantage=spo", "train.prompts_per_step=32"]
-    else:  # equal responses per step: 4 prompts x 8 samples
-        out += ["algo.advantage=grpo", "algo.grpo.n=8", "train.prompts_per_step=4"]
+        out += ["algo.advantage=spo", "train.prompts_per_step=64"]
+    else:  # equal responses per step: 8 prompts x 8 samples
+        out += ["algo.advantage=grpo", "algo.grpo.n=8", "train.prompts_per_step=8"]
     return out
 
 
@@ -123,11 +123,13 @@ def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     warm, data = prepare(run_dir, warm_steps=args.warm_steps, warm_lr=args.warm_lr, seed=args.seed)
     overrides = demo_overrides(run_dir, warm, data, args.algo, args.steps) + list(args.overrides)
-    code = train(load_config(None, overrides))
-    curve = [(r["step"], r["eval/train/avg@8"]) for r in read_metrics(run_dir / "train" / "metrics.jsonl")
-             if "eval/train/avg@8" in r]
+    cfg = load_config(None, overrides)
+    code = train(cfg)
+    metric = f"eval/train/avg@{cfg.rollout.eval_samples}"
+    curve = [(r["step"], r[metric]) for r in read_metrics(run_dir / "train" / "metrics.jsonl") if metric in r]
     if curve:
-        print(f"eval avg@8 on all {len(problems())} problems (T=1.0): {curve[0][1]:.3f} at the start -> "
+        k = cfg.rollout.eval_samples
+        print(f"eval avg@{k} on all {len(problems())} problems (T=1.0): {curve[0][1]:.3f} at the start -> "
               f"{curve[-1][1]:.3f} after step {curve[-1][0] + 1}", flush=True)
     return code
 
@@ -136,7 +138,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="train a tiny model with SPO (or GRPO) on a toy arithmetic task, on CPU, in minutes")
     parser.add_argument("--algo", choices=("spo", "grpo"), default="spo", help="advantage estimator (default spo)")
-    parser.add_argument("--steps", type=int, default=500, help="RL steps (default 500)")
+    parser.add_argument("--steps", type=int, default=300, help="RL steps (default 300)")
     parser.add_argument("--run-dir", default="runs/demo", help="where models, data and metrics go")
     parser.add_argument("--warm-steps", type=int, default=110, help="supervised warm-start steps (default 110)")
     parser.add_argument("--warm-lr", type=float, default=3e-3)
