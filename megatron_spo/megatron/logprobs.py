@@ -284,3 +284,23 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     if getattr(model, "share_embeddings_and_output_weights", False):
         return model.shared_embedding_or_output_weight()
     return model.output_layer.weight
+
+
+@torch.no_grad()
+def full_vocab_logits(model: torch.nn.Module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[B, T]`` ids -> ``[B, T, V]`` logits over the whole (unpadded) vocabulary, TP shards gathered.
+
+    A single-stage model (PP=1) in eval mode; for parity checks and inspection, not the training
+    path (which never materialises full logits: see the chunked functions above).
+    """
+    from megatron.core import parallel_state as ps
+
+    model.eval()
+    pos = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+    local = model(input_ids, pos, None)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        local = torch.cat(parts, dim=-1)
+    return local[..., :vocab_size]

@@ -94,20 +94,10 @@ def fresh_state() -> dict:
 
 
 def full_logits(model, vocab: int) -> torch.Tensor:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from megatron_spo.megatron.logprobs import full_vocab_logits
 
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
-    pos = torch.arange(12).unsqueeze(0).expand_as(ids)
-    model.eval()
-    with torch.no_grad():
-        local = model(ids, pos, None)
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-        local = torch.cat(parts, dim=-1)
-    return local[..., :vocab]
+    return full_vocab_logits(model, ids, vocab)
 
 
 def mode_reference_then_interrupted(out: dict, hf_dir: str, root: str) -> None:

@@ -27,20 +27,9 @@ def _ids(vocab: int) -> torch.Tensor:
 
 def _megatron_logits(chunks, vocab: int) -> torch.Tensor:
     """Full-vocabulary logits [B, T, V] of the (single-stage) model, gathered over TP."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from megatron_spo.megatron.logprobs import full_vocab_logits
 
-    model = chunks[0].eval()
-    ids = _ids(vocab)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    with torch.no_grad():
-        local = model(ids, pos, None)
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-        local = torch.cat(parts, dim=-1)
-    return local[..., :vocab]
+    return full_vocab_logits(chunks[0], _ids(vocab), vocab)
 
 
 def _export(chunks, cfg):
