@@ -41,6 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--uid-base", type=int, default=61000,
                        help="slot s runs as uid/gid UID_BASE+s; these uids must be unused on the host")
     serve.add_argument("--no-cgroup", action="store_true", help="do not use cgroup v1 pids/memory limits")
+    serve.add_argument("--no-warm-pool", action="store_true",
+                       help="start each sandbox when its request arrives instead of ahead of it (slower answers, "
+                            "no idle sandbox per slot)")
     serve.add_argument("--default-memory-mb", type=_positive_int, default=d.default_memory_mb,
                        help="memory limit when a request omits memory_limit_MB or sends <= 0")
     serve.add_argument("--max-memory-mb", type=_positive_int, default=d.max_memory_mb)
@@ -84,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ro_binds=tuple(args.ro_bind),
         uid_base=args.uid_base,
         use_cgroup=not args.no_cgroup,
+        warm_pool=not args.no_warm_pool,
         limits=limits,
     )
     return serve(cfg)

@@ -20,12 +20,14 @@ Layers (measured on this kind of machine in ``spec/engine_contracts.md`` §4):
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import resource
 import shutil
 import signal
+import termios
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -90,9 +92,6 @@ def _drop_controlling_tty() -> None:
     except OSError:
         return  # no controlling terminal: nothing to drop
     try:
-        import fcntl
-        import termios
-
         fcntl.ioctl(fd, termios.TIOCNOTTY)
     finally:
         os.close(fd)
@@ -102,6 +101,9 @@ def make_preexec(
     uid: Optional[int], gid: Optional[int], limits: RunLimits, cgroup_procs_fds: Sequence[int]
 ) -> Callable[[], None]:
     """The function run in the forked child before ``exec``: join cgroups, set rlimits, drop to the slot uid.
+
+    It runs in the child of a multi-threaded server, so it only makes system calls: no imports, no logging,
+    nothing that could wait on a lock another thread held at fork time.
 
     The controlling tty is dropped first (see :func:`_drop_controlling_tty`). Order matters: cgroup membership is written first (the fds were opened by root in the parent), rlimits
     are set while still root (lowering a hard limit is always allowed), and the uid drop comes last so the
@@ -129,7 +131,6 @@ class BwrapSpec:
     """What the sandbox sees besides its own work dir: extra read-only host paths (e.g. a venv for numpy)."""
 
     bwrap: str
-    python: str = "/usr/bin/python3"
     ro_binds: Tuple[str, ...] = ()
     workdir_bytes: int = 64 << 20
 
@@ -147,11 +148,11 @@ def _root_entries() -> List[str]:
     return args
 
 
-def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str = "main.py") -> List[str]:
-    """Full argv: bwrap options, then ``python <script>`` run in ``/tmp/w``.
+def bwrap_argv(spec: BwrapSpec, command: Sequence[str]) -> List[str]:
+    """Full argv: bwrap options, then ``command`` (the interpreter and its arguments) run in ``/tmp/w``.
 
-    ``file_fds`` are (fd, path relative to the work dir) pairs; bwrap copies each fd's content into the
-    private tmpfs (``--file``), so nothing of the request ever touches the host disk.
+    The work dir starts empty: the request's files arrive later, written by the sandbox's own bootstrap
+    (:mod:`megatron_spo.sandbox.bootstrap`), so nothing of the request ever touches the host disk.
     """
     argv = [
         spec.bwrap,
@@ -183,18 +184,6 @@ def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str
         "/tmp",
         "--dir",
         SANDBOX_WORKDIR,
-    ]
-    made = set()
-    for fd, rel in file_fds:
-        parent = os.path.dirname(rel)
-        parts = parent.split("/") if parent else []
-        for i in range(1, len(parts) + 1):
-            sub = "/".join(parts[:i])
-            if sub not in made:
-                made.add(sub)
-                argv += ["--dir", f"{SANDBOX_WORKDIR}/{sub}"]
-        argv += ["--file", str(fd), f"{SANDBOX_WORKDIR}/{rel}"]
-    argv += [
         # bwrap's new root is a tmpfs owned by the sandbox user; make it read-only so "/" cannot be used
         # as unbounded scratch space (only the size-capped /tmp is writable).
         "--remount-ro",
@@ -215,8 +204,7 @@ def bwrap_argv(spec: BwrapSpec, file_fds: Sequence[Tuple[int, str]], script: str
         "PYTHONDONTWRITEBYTECODE",
         "1",
         "--",
-        spec.python,
-        script,
+        *command,
     ]
     return argv
 
@@ -359,18 +347,18 @@ class CgroupV1:
     def slot_dirs(self, slot: int) -> List[str]:
         return [os.path.join(parent, f"slot{slot}") for parent in self.controllers.values()]
 
-    def prepare(self, slot: int, memory_bytes: int) -> List[int]:
-        """Set this run's memory limit and open the slot's ``cgroup.procs`` files; returns fds to close later."""
+    def set_memory_limit(self, slot: int, memory_bytes: int) -> None:
+        """The slot's memory limit for the next run (its sandbox may already be inside the cgroup)."""
         if "memory" in self.controllers:
             d = os.path.join(self.controllers["memory"], f"slot{slot}")
             try:
                 self._write(os.path.join(d, "memory.limit_in_bytes"), str(memory_bytes))
             except OSError as exc:
                 log.warning("could not set memory limit of %s: %s", d, exc)
-        fds = []
-        for d in self.slot_dirs(slot):
-            fds.append(os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
-        return fds
+
+    def procs_fds(self, slot: int) -> List[int]:
+        """Open the slot's ``cgroup.procs`` files (the child joins by writing to them); close them after spawn."""
+        return [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in self.slot_dirs(slot)]
 
     def kill_all(self, slot: int, rounds: int = 50) -> int:
         """SIGKILL every process still in the slot's cgroups (catches anything that changed uid, which cannot

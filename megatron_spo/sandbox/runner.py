@@ -1,26 +1,42 @@
-"""Run one validated request in the sandbox and build its SandboxFusion response.
+"""Run one validated request in a sandbox and build its SandboxFusion response.
 
-Flow: the code (``main.py``) and request files go into memfds that bwrap copies into the private tmpfs;
-the process starts in its own process group under the slot uid with rlimits; stdout and stderr are read
-incrementally, keeping at most ``max_output_bytes`` each and draining (discarding) the rest so a flood
-neither blocks the child nor grows server memory; the wall clock is enforced with ``asyncio.wait_for``.
-When the main process ends (or times out) the whole tree is killed: process group, cgroup and every
-process of the slot uid. A run never returns while one of its processes is alive.
+A sandbox serves exactly one request and is destroyed with it. Its life:
+
+1. **spawn** (:meth:`Runner._spawn`): bwrap (all namespaces, private tmpfs work dir) and the bootstrap
+   interpreter (:mod:`megatron_spo.sandbox.bootstrap`), in its own process group, under the slot uid, with the
+   server's ceiling rlimits, inside the slot's cgroup. It then waits on its stdin. With the **warm pool** (the
+   server's default) this happens right after the slot's previous run is swept, so the next request on the
+   slot finds its sandbox ready and pays none of the start-up; without it, the request spawns its own.
+2. **deliver**: the slot's cgroup memory limit for this request, then the frame (files, code, the request's
+   address-space and CPU rlimits, which the bootstrap lowers before the program starts) followed by the
+   request's stdin, then EOF.
+3. **wait** for the main process to exit or the wall clock (``asyncio.wait_for``), reading stdout and stderr
+   incrementally: at most ``max_output_bytes`` each is kept and the rest drained and dropped, so a flood neither
+   blocks the child nor grows server memory.
+4. **sweep**: process group, cgroup and every process of the slot uid are killed. A run never returns while one
+   of its processes is alive, and only then is the slot's next sandbox spawned (it runs under the same uid).
+
+The warm pool moves the cost of isolation off the request's path; it does not remove it. A slot that gets
+requests back to back still waits for each sandbox to start (``bench/sandbox_latency.py`` prints both).
+A warm-pool runner belongs to one event loop: call :meth:`Runner.close` before that loop ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_spo.sandbox import api
+from megatron_spo.sandbox import api, bootstrap
 from megatron_spo.sandbox.isolation import (
     BwrapSpec,
     CgroupV1,
@@ -47,6 +63,43 @@ class RunnerConfig:
     python: str = "/usr/bin/python3"
     uid_base: Optional[int] = 61000  # slot s runs as uid/gid uid_base + s; None = keep the server's uid
     cgroup: Optional[CgroupV1] = None
+    warm_pool: bool = False  # spawn each slot's next sandbox right after its run (the server turns it on)
+
+
+@dataclass
+class Sandbox:
+    """A started sandbox waiting for its one request: its main process (bwrap, or the interpreter in the
+    unsafe mode) with its pipes attached to the event loop. ``workdir`` is the host temp dir of the unsafe mode
+    (None with bwrap: the work dir is a private tmpfs that dies with the sandbox)."""
+
+    slot: int
+    popen: subprocess.Popen
+    stdin: asyncio.StreamWriter
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    workdir: Optional[str] = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.popen.poll()  # reaps the main process once it has exited
+
+
+async def _attach_pipes(popen: subprocess.Popen) -> Tuple[asyncio.StreamWriter, asyncio.StreamReader,
+                                                         asyncio.StreamReader]:
+    """Asyncio streams over a started child's stdin, stdout and stderr."""
+    loop = asyncio.get_running_loop()
+    readers = []
+    for pipe in (popen.stdout, popen.stderr):
+        reader = asyncio.StreamReader(limit=_CHUNK)
+        await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+        readers.append(reader)
+    transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+                                                        popen.stdin)
+    return asyncio.StreamWriter(transport, protocol, None, loop), readers[0], readers[1]
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> Tuple[bytearray, int]:
@@ -63,16 +116,13 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> Tuple[bytearra
         dropped += max(0, len(chunk) - max(room, 0))
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
-    """Return when the main process has exited, whether or not its pipes are still open.
-
-    ``Process.wait()`` also waits for stdout/stderr to close, so a daemonised child holding them would
-    turn a finished run into a timeout. A pidfd becomes readable at exit (before reaping).
-    """
-    if proc.returncode is not None:
+async def _exited(sandbox: Sandbox) -> None:
+    """Return when the main process has exited, whether or not its pipes are still open (a daemonised child
+    may hold them). A pidfd becomes readable at exit (before reaping)."""
+    if sandbox.popen.returncode is not None:
         return
     try:
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(sandbox.pid)
     except ProcessLookupError:  # already exited and reaped
         return
     loop = asyncio.get_running_loop()
@@ -83,16 +133,6 @@ async def _exited(proc: asyncio.subprocess.Process) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)  # not CLOEXEC: passed to bwrap through pass_fds anyway
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
 
 
 def _exit_status(rc: int) -> Tuple[int, Optional[int]]:
@@ -107,112 +147,182 @@ def _exit_status(rc: int) -> Tuple[int, Optional[int]]:
     return rc, None
 
 
+def _bootstrap_source() -> str:
+    with open(bootstrap.__file__, encoding="utf-8") as f:
+        return f.read()
+
+
 class Runner:
     """Executes requests; one instance per server. ``run`` must be called with a slot no one else uses."""
 
     def __init__(self, config: RunnerConfig):
         self.config = config
+        self._command = [config.python, "-c", _bootstrap_source()]
+        self._warm: Dict[int, asyncio.Future] = {}  # slot -> future of its next Sandbox
+        # fork+exec (with the cgroup join in preexec_fn, ~10 ms on cgroup v1) runs on this thread, not on the
+        # event loop, so a refill never delays a response. One long-lived thread: bwrap --die-with-parent
+        # watches the thread that forked it.
+        self._spawner: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     def _slot_uid(self, slot: int) -> Optional[int]:
         if self.config.uid_base is None:
             return None
         return self.config.uid_base + slot
 
-    def _limits(self, req: api.RunRequest) -> RunLimits:
+    def _limits(self, run_timeout: float, memory_mb: int) -> RunLimits:
         lim = self.config.limits
         return RunLimits.for_timeout(
-            req.run_timeout,
-            memory_mb=req.memory_limit_mb,
+            run_timeout,
+            memory_mb=memory_mb,
             max_procs=lim.max_procs,
             max_file_bytes=lim.max_file_bytes,
             max_open_files=lim.max_open_files,
         )
 
-    def _sweep(self, slot: int, pgid: Optional[int]) -> int:
-        """Kill everything the run left behind; returns the number of processes killed."""
+    def _cgroup_bytes(self, memory_mb: int) -> int:
+        # cgroup memory covers the whole tree plus its two tmpfs (/tmp, /dev/shm); RLIMIT_AS one process.
+        return (memory_mb << 20) + 2 * self.config.limits.workdir_bytes
+
+    # ------------------------------------------------------------------ sandbox life cycle
+
+    async def _spawn(self, slot: int) -> Sandbox:
+        """Start a sandbox for ``slot`` with the server's ceiling limits; it waits for its request on stdin."""
+        cfg = self.config
+        uid = self._slot_uid(slot)
+        ceiling = self._limits(cfg.limits.max_run_timeout, cfg.limits.max_memory_mb)
+        workdir: Optional[str] = None
+        cg_fds: List[int] = []
+        try:
+            if cfg.bwrap is not None:
+                argv, cwd, env = bwrap_argv(cfg.bwrap, self._command), None, {}
+            else:
+                workdir = tempfile.mkdtemp(prefix="megatron_spo_sandbox_")
+                if uid is not None:
+                    os.chown(workdir, uid, uid)
+                argv, cwd, env = self._command, workdir, sandbox_env()
+            if cfg.cgroup is not None:
+                cfg.cgroup.set_memory_limit(slot, self._cgroup_bytes(cfg.limits.max_memory_mb))
+                cg_fds = cfg.cgroup.procs_fds(slot)
+            if self._spawner is None:
+                self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
+            popen = await asyncio.get_running_loop().run_in_executor(self._spawner, functools.partial(
+                subprocess.Popen,
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                preexec_fn=make_preexec(uid, uid, ceiling, cg_fds),
+                process_group=0,  # own group for killpg; not a new session (see _drop_controlling_tty)
+            ))
+        except BaseException:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            for fd in cg_fds:
+                os.close(fd)
+        try:
+            return Sandbox(slot, popen, *(await _attach_pipes(popen)), workdir=workdir)
+        except BaseException:
+            await self._dispose(Sandbox(slot, popen, None, None, None, workdir))
+            raise
+
+    async def _dispose(self, sandbox: Sandbox) -> int:
+        """Kill everything of the sandbox's slot and wait for its main process; returns how many were killed."""
+        slot = sandbox.slot
+        kill_group(sandbox.pid)
         killed = 0
-        if pgid is not None:
-            kill_group(pgid)
         if self.config.cgroup is not None:
             killed += self.config.cgroup.kill_all(slot)
         uid = self._slot_uid(slot)
         if uid is not None:
-            killed += kill_uid(uid, exclude=() if pgid is None else (pgid,))
+            killed += kill_uid(uid, exclude=(sandbox.pid,))
+        if sandbox.returncode is None:  # killed above: its exit is a moment away
+            await _exited(sandbox)
+            sandbox.popen.wait()
+        if sandbox.stdin is not None:
+            sandbox.stdin.close()
+        if sandbox.workdir is not None:
+            shutil.rmtree(sandbox.workdir, ignore_errors=True)
         return killed
+
+    async def _acquire(self, slot: int) -> Sandbox:
+        """The slot's warm sandbox if it is alive, else a new one."""
+        pending = self._warm.pop(slot, None)
+        if pending is not None:
+            try:
+                sandbox = await pending
+            except Exception:
+                log.warning("slot %d: the warm sandbox could not be started; trying again now", slot, exc_info=True)
+            else:
+                if sandbox.returncode is None:
+                    return sandbox
+                log.warning("slot %d: the warm sandbox exited while idle (code %s); starting another",
+                            slot, sandbox.returncode)
+                await self._dispose(sandbox)
+        return await self._spawn(slot)
+
+    def prewarm(self, slots) -> None:
+        """Start the warm sandbox of each slot that has none (no-op without the warm pool)."""
+        if self.config.warm_pool:
+            for slot in slots:
+                if slot not in self._warm:
+                    self._warm[slot] = asyncio.ensure_future(self._spawn(slot))
+
+    def warm_pids(self) -> Dict[int, int]:
+        """slot -> pid of its ready warm sandbox (the bwrap or interpreter process the server started)."""
+        out = {}
+        for slot, fut in self._warm.items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                out[slot] = fut.result().pid
+        return out
+
+    async def close(self) -> None:
+        """Destroy the warm sandboxes (server shutdown)."""
+        pending, self._warm = self._warm, {}
+        for fut in pending.values():
+            try:
+                sandbox = await fut
+            except Exception:
+                continue
+            await self._dispose(sandbox)
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+            self._spawner = None
+
+    # ------------------------------------------------------------------ one request
 
     async def run(self, req: api.RunRequest, slot: int) -> Dict[str, Any]:
         cfg = self.config
-        limits = self._limits(req)
-        uid = self._slot_uid(slot)
-        workdir: Optional[str] = None
-        fds: List[int] = []
-        cg_fds: List[int] = []
-        proc = None
+        limits = self._limits(req.run_timeout, req.memory_limit_mb)
         try:
-            if cfg.bwrap is not None:
-                file_fds = [(_memfd("main.py", req.code.encode("utf-8")), "main.py")]
-                file_fds += [(_memfd(os.path.basename(rel), data), rel) for rel, data in req.files.items()]
-                fds = [fd for fd, _ in file_fds]
-                argv = bwrap_argv(cfg.bwrap, file_fds)
-                cwd = None
-                env: Dict[str, str] = {}
-            else:
-                workdir = tempfile.mkdtemp(prefix="megatron_spo_sandbox_")
-                for rel, data in [("main.py", req.code.encode("utf-8")), *req.files.items()]:
-                    path = os.path.join(workdir, rel)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    with open(path, "wb") as f:
-                        f.write(data)
-                if uid is not None:
-                    for d, _, names in os.walk(workdir):
-                        for p in [d, *(os.path.join(d, n) for n in names)]:
-                            os.chown(p, uid, uid)
-                argv = [cfg.python, "main.py"]
-                cwd = workdir
-                env = sandbox_env()
-            if cfg.cgroup is not None:
-                # cgroup memory covers the whole tree plus its two tmpfs (/tmp, /dev/shm); RLIMIT_AS one process.
-                cg_fds = cfg.cgroup.prepare(slot, (req.memory_limit_mb << 20) + 2 * cfg.limits.workdir_bytes)
-            preexec = make_preexec(uid, uid, limits, cg_fds)
-            t0 = time.monotonic()
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                preexec_fn=preexec,
-                process_group=0,  # own group for killpg; not a new session (see _drop_controlling_tty)
-                pass_fds=fds,
-            )
+            sandbox = await self._acquire(slot)
         except Exception as exc:  # spawn failure is the sandbox's fault, not the code's
             log.exception("sandbox spawn failed")
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
             return api.error_response(f"sandbox could not start the run: {type(exc).__name__}: {exc}")
-        finally:
-            for fd in fds + cg_fds:
-                os.close(fd)
-
+        if cfg.cgroup is not None:
+            cfg.cgroup.set_memory_limit(slot, self._cgroup_bytes(req.memory_limit_mb))
+        frame = bootstrap.encode_frame(
+            req.code, req.files, {"RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_CPU": limits.cpu_seconds}
+        )
         cap = cfg.limits.max_output_bytes
-        out_task = asyncio.ensure_future(_read_capped(proc.stdout, cap))
-        err_task = asyncio.ensure_future(_read_capped(proc.stderr, cap))
-        stdin_task = asyncio.ensure_future(self._feed_stdin(proc, req.stdin)) if req.stdin else None
+        t0 = time.monotonic()
+        stdin_task = asyncio.ensure_future(self._feed_stdin(sandbox.stdin, [frame, (req.stdin or "").encode("utf-8")]))
+        out_task = asyncio.ensure_future(_read_capped(sandbox.stdout, cap))
+        err_task = asyncio.ensure_future(_read_capped(sandbox.stderr, cap))
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(_exited(proc), timeout=req.run_timeout)
+                await asyncio.wait_for(_exited(sandbox), timeout=req.run_timeout)
             except asyncio.TimeoutError:
                 timed_out = True
             elapsed = time.monotonic() - t0
         finally:
             # Runs on success, timeout and cancellation (client went away): nothing may outlive the run.
-            leftovers = self._sweep(slot, proc.pid)
-            if proc.returncode is None:
-                await proc.wait()
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+            leftovers = await self._dispose(sandbox)
+            self.prewarm([slot])
         try:
             (out, out_dropped), (err, err_dropped) = await asyncio.wait_for(
                 asyncio.gather(out_task, err_task), timeout=_DRAIN_GRACE_S
@@ -222,8 +332,7 @@ class Runner:
             err_task.cancel()
             (out, out_dropped), (err, err_dropped) = (bytearray(), 0), (bytearray(), 0)
             log.error("slot %d: output pipes did not close %.1f s after the kill", slot, _DRAIN_GRACE_S)
-        if stdin_task is not None:
-            stdin_task.cancel()
+        stdin_task.cancel()
 
         notes = []
         if out_dropped:
@@ -240,7 +349,7 @@ class Runner:
             notes.insert(0, f"wall-clock timeout after {req.run_timeout:g} s; process tree killed")
             result = api.command_result(api.TIME_LIMIT, elapsed, None, stdout, stderr)
         else:
-            rc, sig = _exit_status(proc.returncode)
+            rc, sig = _exit_status(sandbox.returncode)
             status = api.FINISHED
             if sig == signal.SIGXCPU:
                 status = api.TIME_LIMIT
@@ -251,14 +360,13 @@ class Runner:
         return api.run_response(result, "; ".join(notes))
 
     @staticmethod
-    async def _feed_stdin(proc: asyncio.subprocess.Process, text: str) -> None:
+    async def _feed_stdin(stdin: asyncio.StreamWriter, parts: List[bytes]) -> None:
+        """Write the frame and the request's stdin, then EOF."""
         try:
-            proc.stdin.write(text.encode("utf-8"))
-            await proc.stdin.drain()
+            for part in parts:
+                stdin.write(part)
+            await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the program exited without reading its input: that is its business
         finally:
-            try:
-                proc.stdin.close()
-            except Exception:
-                pass
+            stdin.close()

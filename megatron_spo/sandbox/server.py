@@ -1,7 +1,8 @@
 """aiohttp app: ``POST /run_code`` (SandboxFusion shapes), ``GET /health``, a concurrency limit and a queue.
 
 Concurrency is a pool of worker slots (``asyncio.Queue`` of slot ids). A request waits for a free slot, runs
-under that slot's dedicated uid and cgroup, and gives the slot back. At most ``max_queue`` requests may wait;
+under that slot's dedicated uid and cgroup, and gives the slot back. Each slot keeps one sandbox started
+ahead of its next request (the warm pool, see :mod:`megatron_spo.sandbox.runner`). At most ``max_queue`` requests may wait;
 beyond that the server answers 503 (a retryable overload) instead of holding unbounded memory.
 """
 
@@ -46,6 +47,7 @@ class ServerConfig:
     ro_binds: Tuple[str, ...] = ()
     uid_base: int = 61000
     use_cgroup: bool = True
+    warm_pool: bool = True
     limits: api.Limits = field(default_factory=api.Limits)
     max_body_bytes: int = 64 << 20
 
@@ -80,7 +82,7 @@ def build_runner(cfg: ServerConfig) -> Tuple[Runner, list]:
     elif bwrap is None:
         raise StartupError(bwrap_missing_message())
     else:
-        spec = BwrapSpec(bwrap=bwrap, python=cfg.python, ro_binds=tuple(cfg.ro_binds),
+        spec = BwrapSpec(bwrap=bwrap, ro_binds=tuple(cfg.ro_binds),
                          workdir_bytes=cfg.limits.workdir_bytes)
     uid_base: Optional[int] = cfg.uid_base
     if os.geteuid() != 0:
@@ -103,7 +105,7 @@ def build_runner(cfg: ServerConfig) -> Tuple[Runner, list]:
     elif cfg.use_cgroup:
         notes.append("cgroup limits need root; relying on rlimits")
     runner = Runner(RunnerConfig(limits=cfg.limits, bwrap=spec, python=cfg.python, uid_base=uid_base,
-                                 cgroup=cgroup))
+                                 cgroup=cgroup, warm_pool=cfg.warm_pool))
     return runner, notes
 
 
@@ -134,8 +136,10 @@ class SandboxServer:
         out = (resp.get("run_result") or {}).get("stdout")
         if resp["status"] != api.SUCCESS or out != "2\n":
             raise StartupError(f"sandbox self-test print(1+1) failed: {json.dumps(resp)[:2000]}")
+        self.runner.prewarm(range(self.cfg.concurrency))
 
     async def _on_cleanup(self, app: web.Application) -> None:
+        await self.runner.close()
         if self.runner.config.cgroup is not None:
             self.runner.config.cgroup.teardown()
 
@@ -147,6 +151,10 @@ class SandboxServer:
             "queued": self.waiting,
             "served": self.served,
             **self.isolation_summary(),
+            "warm_pool": self.cfg.warm_pool,
+            # slot -> pid of its ready sandbox (bwrap, or the interpreter in the unsafe mode): these are the
+            # only slot-uid processes that exist between requests.
+            "warm_sandboxes": {str(slot): pid for slot, pid in self.runner.warm_pids().items()},
         })
 
     async def run_code(self, request: web.Request) -> web.Response:

@@ -91,16 +91,35 @@ def stop_server(server: Server) -> None:
             server.proc.wait()
 
 
+def warm_sandbox_roots(server: Server, timeout: float = 30) -> set:
+    """Pids that ``/health`` reports as the slots' ready warm sandboxes; waits until every slot has one."""
+    deadline = time.monotonic() + timeout
+    health = server.health()
+    while health["warm_pool"] and len(health["warm_sandboxes"]) < server.concurrency:
+        assert time.monotonic() < deadline, f"slots without a warm sandbox after {timeout} s: {health}"
+        time.sleep(0.05)
+        health = server.health()
+    return set(health["warm_sandboxes"].values())
+
+
 def slot_uid_pids(server: Server) -> List[int]:
-    """Processes still owned by the server's slot uids (must be none between requests)."""
+    """Processes owned by the server's slot uids, other than the warm sandboxes (must be none between requests:
+    nothing of a run outlives its response). A warm sandbox is a reported root and its descendants, and must
+    be pristine: nothing but bwrap and the bootstrap interpreter waiting on its stdin."""
     import psutil
 
+    roots = warm_sandbox_roots(server)
     uids = set(range(server.uid_base, server.uid_base + server.concurrency))
     out = []
-    for p in psutil.process_iter(["uids", "status"]):
+    for p in psutil.process_iter(["uids", "status", "cmdline"]):
         try:
-            if p.info["uids"].real in uids and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
+            if p.info["uids"].real not in uids or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if p.pid in roots or any(a.pid in roots for a in p.parents()):
+                cmd = p.info["cmdline"]
+                assert cmd and (cmd[0].endswith("bwrap") or cmd[1:2] == ["-c"]), f"warm sandbox runs {cmd[:3]}"
+                continue
+            out.append(p.pid)
         except (psutil.NoSuchProcess, TypeError):
             pass
     return out
@@ -108,7 +127,7 @@ def slot_uid_pids(server: Server) -> List[int]:
 
 @pytest.fixture
 def leftover_pids():
-    """``leftover_pids(server)``: live processes of the server's slot uids."""
+    """``leftover_pids(server)``: live processes of the server's slot uids that are not a warm sandbox."""
     return slot_uid_pids
 
 
