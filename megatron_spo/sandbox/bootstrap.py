@@ -1,7 +1,9 @@
 """The program a sandbox starts with, and the frame the server sends it.
 
 A sandbox is created *before* its request arrives (namespaces, slot uid, rlimits, cgroup, interpreter start-up:
-all the cost of isolation), then waits on its stdin. The server delivers one request as a frame:
+all the cost of isolation), writes the single byte :data:`READY` to its stdout (the server reads it before
+anything else: the sandbox is then fully started) and waits on its stdin. The server delivers one request as a
+frame:
 
     8 bytes big-endian header length | marshal header | the files' bytes | the code's bytes | the request's stdin
 
@@ -18,8 +20,10 @@ Each sandbox serves exactly one request and is then destroyed: nothing of one ru
 
 This file is passed to the sandbox interpreter as ``python -c <source>``: it must import only the standard
 library, at call time, and must not use ``from __future__`` (``compile`` below uses ``dont_inherit``
-anyway). Deviation from a cold ``python main.py``: ``marshal``, ``resource`` and ``types`` are already imported
-when the program starts, and ``sys.orig_argv`` shows ``-c``.
+anyway). Deviations from a cold ``python main.py`` (output, exit codes and tracebacks are identical:
+``tests/sandbox/test_sandbox_bootstrap.py``): ``marshal``, ``resource`` and ``types`` are already imported when
+the program starts, ``sys.orig_argv`` shows ``-c``, and two bootstrap frames sit below the program's own in
+``traceback.print_stack()`` / ``inspect.stack()``.
 """
 
 import marshal
@@ -27,6 +31,7 @@ import os
 import sys
 
 HEADER_LEN_BYTES = 8
+READY = b"R"
 PER_REQUEST_RLIMITS = ("RLIMIT_AS", "RLIMIT_CPU")
 
 
@@ -95,6 +100,7 @@ def main():
     """Sandbox side: wait for the frame, set up the work dir and limits, run the program."""
     import resource
 
+    os.write(1, READY)
     size = int.from_bytes(_read_exact(0, HEADER_LEN_BYTES), "big")  # blocks while the sandbox is idle
     header = marshal.loads(_read_exact(0, size))
     workdir = os.getcwd()

@@ -116,6 +116,18 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> Tuple[bytearra
         dropped += max(0, len(chunk) - max(room, 0))
 
 
+async def _wait_ready(sandbox: Sandbox) -> None:
+    """Wait for the bootstrap's ready byte: from then on the sandbox only waits for its request."""
+    try:
+        first = await sandbox.stdout.readexactly(len(bootstrap.READY))
+    except asyncio.IncompleteReadError:
+        first = None
+    if first != bootstrap.READY:
+        err = await asyncio.wait_for(sandbox.stderr.read(4096), _DRAIN_GRACE_S)
+        raise RuntimeError(f"the sandbox did not start (exit code {sandbox.popen.poll()}, stdout began {first!r}): "
+                           f"{err.decode('utf-8', 'replace').strip()[-2000:]}")
+
+
 async def _exited(sandbox: Sandbox) -> None:
     """Return when the main process has exited, whether or not its pipes are still open (a daemonised child
     may hold them). A pidfd becomes readable at exit (before reaping)."""
@@ -223,11 +235,14 @@ class Runner:
         finally:
             for fd in cg_fds:
                 os.close(fd)
+        sandbox = Sandbox(slot, popen, None, None, None, workdir)
         try:
-            return Sandbox(slot, popen, *(await _attach_pipes(popen)), workdir=workdir)
+            sandbox.stdin, sandbox.stdout, sandbox.stderr = await _attach_pipes(popen)
+            await _wait_ready(sandbox)
         except BaseException:
-            await self._dispose(Sandbox(slot, popen, None, None, None, workdir))
+            await self._dispose(sandbox)
             raise
+        return sandbox
 
     async def _dispose(self, sandbox: Sandbox) -> int:
         """Kill everything of the sandbox's slot and wait for its main process; returns how many were killed."""
@@ -270,6 +285,12 @@ class Runner:
             for slot in slots:
                 if slot not in self._warm:
                     self._warm[slot] = asyncio.ensure_future(self._spawn(slot))
+
+    async def wait_warm(self, slots) -> None:
+        """Return when the warm sandbox of each of ``slots`` has finished starting (or failed to)."""
+        pending = [self._warm[s] for s in slots if s in self._warm]
+        if pending:
+            await asyncio.wait(pending)
 
     def warm_pids(self) -> Dict[int, int]:
         """slot -> pid of its ready warm sandbox (the bwrap or interpreter process the server started)."""

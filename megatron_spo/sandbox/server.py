@@ -97,7 +97,7 @@ def build_runner(cfg: ServerConfig) -> Tuple[Runner, list]:
         notes.append("could not become child subreaper: orphaned sandbox zombies are left to the host init")
     cgroup = None
     if cfg.use_cgroup and os.geteuid() == 0:
-        cgroup = CgroupV1(name=f"megatron_spo_sandbox_{os.getpid()}")
+        cgroup = CgroupV1(name=f"megatron_spo_sandbox_{os.getpid()}_{cfg.uid_base}")
         cgroup.setup(cfg.concurrency, cfg.limits.max_procs)
         notes += cgroup.notes
         if not cgroup.controllers:
