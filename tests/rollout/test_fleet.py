@@ -134,8 +134,8 @@ def test_killing_one_of_two_servers_mid_rollout_delivers_every_sample_exactly_on
                         health_interval_s=0.5)
     try:
         fleet.update_weights(dir_b, version=1)  # a restarted server must come back on these weights
-        n = 24
-        sp = SamplingParams(max_new_tokens=120, ignore_eos=True)
+        n, new_tokens = 24, 240  # (context 256) long enough that server 0 is still decoding when it is killed
+        sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         arrived = collections.Counter()
 
         async def rollout():
@@ -148,14 +148,14 @@ def test_killing_one_of_two_servers_mid_rollout_delivers_every_sample_exactly_on
             t0 = time.monotonic()
             while fleet.endpoints[0].inflight == 0 and time.monotonic() - t0 < 60:
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)  # let server 0 start decoding
+            await asyncio.sleep(0.05)  # let server 0 receive its share
             assert fleet.endpoints[0].inflight > 0
             fleet.launcher.kill(0)
             return await asyncio.gather(*tasks)
 
         results = asyncio.run(rollout())
         assert arrived == collections.Counter({f"s{i}": 1 for i in range(n)})
-        assert all(r.finish_reason == "length" and len(r.token_ids) == 120 for r in results)
+        assert all(r.finish_reason == "length" and len(r.token_ids) == new_tokens for r in results)
         assert fleet.retries >= 1 and any(r.meta["attempts"] == 2 for r in results)
         new_model = AutoModelForCausalLM.from_pretrained(dir_b, dtype=torch.float32).eval()
         r = results[0]
