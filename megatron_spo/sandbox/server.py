@@ -2,8 +2,9 @@
 
 Concurrency is a pool of worker slots (``asyncio.Queue`` of slot ids). A request waits for a free slot, runs
 under that slot's dedicated uid and cgroup, and gives the slot back. Each slot keeps one sandbox started
-ahead of its next request (the warm pool, see :mod:`megatron_spo.sandbox.runner`). At most ``max_queue`` requests may wait;
-beyond that the server answers 503 (a retryable overload) instead of holding unbounded memory.
+ahead of its next request (the warm pool, see :mod:`megatron_spo.sandbox.runner`). At most ``max_queue``
+requests may wait; beyond that the server answers 503 (a retryable overload) instead of holding unbounded
+memory.
 """
 
 from __future__ import annotations
