@@ -162,6 +162,24 @@ def _exit_status(rc: int) -> Tuple[int, Optional[int]]:
     return rc, None
 
 
+def _popen_closing(fds: List[int], argv: List[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` on the spawner thread; closes ``fds`` (the child's cgroup.procs) once it returns."""
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _discard_unclaimed(workdir: Optional[str], started: asyncio.Future) -> None:
+    """Done-callback of a spawn whose caller was cancelled: kill the sandbox it started (its pid namespace dies
+    with bwrap; the next sweep of the slot reaps what is left) and remove its work dir."""
+    if not started.cancelled() and started.exception() is None:
+        kill_group(started.result().pid)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _bootstrap_source() -> str:
     with open(bootstrap.__file__, encoding="utf-8") as f:
         return f.read()
@@ -221,8 +239,9 @@ class Runner:
                 cg_fds = cfg.cgroup.procs_fds(slot)
             if self._spawner is None:
                 self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
-            popen = await asyncio.get_running_loop().run_in_executor(self._spawner, functools.partial(
-                subprocess.Popen,
+            job = functools.partial(
+                _popen_closing,
+                cg_fds,
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -231,14 +250,25 @@ class Runner:
                 cwd=cwd,
                 preexec_fn=make_preexec(uid, uid, ceiling, cg_fds),
                 process_group=0,  # own group for killpg; not a new session (see _drop_controlling_tty)
-            ))
+            )
+            started = asyncio.get_running_loop().run_in_executor(self._spawner, job)
+            cg_fds = []  # the job closes them once the child has exec'd
+        except BaseException:
+            for fd in cg_fds:
+                os.close(fd)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        try:
+            popen = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # The spawner thread finishes the Popen regardless: kill what it starts, nobody will claim it.
+            started.add_done_callback(functools.partial(_discard_unclaimed, workdir))
+            raise
         except BaseException:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
-        finally:
-            for fd in cg_fds:
-                os.close(fd)
         sandbox = Sandbox(slot, popen, workdir)
         try:
             sandbox.stdin, sandbox.stdout, sandbox.stderr = await _attach_pipes(popen)
@@ -272,7 +302,10 @@ class Runner:
         pending = self._warm.pop(slot, None)
         if pending is not None:
             try:
-                sandbox = await pending
+                sandbox = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                self._warm.setdefault(slot, pending)  # the request went away; the sandbox stays the slot's next
+                raise
             except Exception:
                 log.warning("slot %d: the warm sandbox could not be started; trying again now", slot, exc_info=True)
             else:

@@ -92,3 +92,54 @@ def test_shutdown_destroys_the_warm_sandboxes(tmp_path, stop):
     time.sleep(0.2)
     alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == [] and srv.proc.returncode == 0, srv.log()
+
+
+def _uid_pids(uid: int) -> list:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["uids", "status"])
+            if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("warm_pool", [True, False])
+def test_cancelled_request_leaks_no_sandbox(warm_pool):
+    """A request cancelled while its sandbox is starting (client gone, server stopping) leaves nothing behind:
+    with the warm pool the starting sandbox stays the slot's next one; without it, it is killed."""
+    import asyncio
+
+    from megatron_spo.sandbox import api
+    from megatron_spo.sandbox.server import ServerConfig, build_runner
+
+    need_isolation()
+    cfg = ServerConfig(concurrency=1, uid_base=61170, warm_pool=warm_pool)
+    runner, _ = build_runner(cfg)
+    uid = cfg.uid_base
+    req = api.parse_request({"code": "print(1+1)"}, cfg.limits)
+
+    async def scenario():
+        for delay in (0.0, 0.003, 0.01):  # cancelled at different points of the start-up
+            runner.prewarm([0])
+            task = asyncio.ensure_future(runner.run(req, 0))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.3)  # a discarded sandbox is killed when its Popen returns
+            await runner.wait_warm([0])
+            alive = _uid_pids(uid)
+            if warm_pool:
+                assert set(runner.warm_pids()) == {0}
+                assert len(alive) <= 3, alive  # only the slot's warm sandbox: bwrap, its init, the bootstrap
+            else:
+                assert alive == [], alive
+            resp = await runner.run(req, 0)
+            assert resp["status"] == "Success" and resp["run_result"]["stdout"] == "2\n", resp
+        await runner.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if runner.config.cgroup is not None:
+            runner.config.cgroup.teardown()
+    time.sleep(0.2)
+    assert _uid_pids(uid) == []
