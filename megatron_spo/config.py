@@ -28,6 +28,9 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "layernorm", "moe_act", "shared_experts")
+
+
 @dataclass
 class ModelConfig:
     path: str = ""
@@ -38,10 +41,25 @@ class ModelConfig:
     """Longest prompt + response the trainer accepts (must not exceed the model's max positions)."""
     moe_aux_loss_coef: float = 0.0
     """Router load-balancing loss coefficient; 0 (off) by default for RL, as it skews log-probs."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recompute in the backward pass, trading compute for activation memory: 'full' keeps only
+    the inputs of whole transformer layers and re-runs them, 'selective' re-runs only recompute_modules."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With recompute=full: 'uniform' makes every recompute_num_layers layers one recompute unit; 'block'
+    recomputes only the first recompute_num_layers layers of each pipeline stage."""
+    recompute_num_layers: int = 1
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    """With recompute=selective: any of core_attn, mlp, moe, layernorm, moe_act, shared_experts."""
 
     def check(self, key: str) -> None:
         _positive(f"{key}.max_seq_len", self.max_seq_len)
         _at_least(f"{key}.moe_aux_loss_coef", self.moe_aux_loss_coef, 0.0)
+        _positive(f"{key}.recompute_num_layers", self.recompute_num_layers)
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(f"{key}.recompute_modules: unknown {unknown}; choose from {list(RECOMPUTE_MODULES)}")
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ConfigError(f"{key}.recompute=selective needs at least one of {key}.recompute_modules")
 
 
 @dataclass
@@ -233,6 +251,15 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global grad-norm clip (0 disables)."""
+    cpu_offload: bool = False
+    """Keep Adam's state on the CPU and run its update there (megatron's HybridDeviceOptimizer). GPU only;
+    needs parallel.distributed_optimizer."""
+    offload_fraction: float = 1.0
+    """With cpu_offload: the share of parameters whose optimizer step runs on the CPU."""
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of Adam's two moments. bfloat16 (megatron's precision-aware optimizer) stores 8 instead of 12
+    bytes of optimizer state per parameter. GPU only: needs parallel.distributed_optimizer and Transformer
+    Engine's FusedAdam."""
 
     def check(self, key: str) -> None:
         _in_range(f"{key}.lr", self.lr, 0.0, None, low_open=True)
@@ -245,6 +272,7 @@ class OptimConfig:
         _in_range(f"{key}.adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
         _in_range(f"{key}.adam_eps", self.adam_eps, 0.0, None, low_open=True)
         _at_least(f"{key}.clip_grad", self.clip_grad, 0.0)
+        _in_range(f"{key}.offload_fraction", self.offload_fraction, 0.0, 1.0, low_open=True)
 
 
 @dataclass
@@ -319,6 +347,11 @@ class Config:
         if self.parallel.sequence_parallel is False and self.parallel.tensor > 1 and self.parallel.expert > 1:
             # megatron-core refuses MoE with TP > 1 during training unless sequence parallel is on.
             raise ConfigError("parallel.tensor > 1 with parallel.expert > 1 needs parallel.sequence_parallel=true")
+        for name, on in (("optim.cpu_offload", self.optim.cpu_offload),
+                         ("optim.moments_dtype=bfloat16", self.optim.moments_dtype != "float32")):
+            if on and not self.parallel.distributed_optimizer:
+                # megatron runs both through the distributed optimizer's precision-aware path.
+                raise ConfigError(f"{name} needs parallel.distributed_optimizer=true")
 
     # -----------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from megatron_spo.cli import main
@@ -51,12 +52,43 @@ def test_yaml_then_overrides_win(tmp_path):
         ("rollout.engine=vllm", "rollout.engine=vllm needs rollout.urls or rollout.ray_servers > 0"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel needs parallel.tensor > 1"),
         ("trainsteps", "must look like section.key=value"),
+        ("model.recompute=always", "model.recompute must be one of 'none', 'full', 'selective'; got 'always'"),
+        ("model.recompute_num_layers=0", "model.recompute_num_layers must be"),
+        ("model.recompute_modules=[core_attn,attention]", "model.recompute_modules: unknown ['attention']"),
+        ("optim.offload_fraction=0", "optim.offload_fraction must be in (0.0, 1.0], got 0"),
+        ("optim.moments_dtype=float16", "optim.moments_dtype must be one of 'float32', 'bfloat16'"),
+        ("optim.cpu_offload=true", "optim.cpu_offload needs parallel.distributed_optimizer=true"),
+        ("optim.moments_dtype=bfloat16", "optim.moments_dtype=bfloat16 needs parallel.distributed_optimizer=true"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_memory_settings_reach_megatron():
+    """The recompute and optimizer keys become the megatron config fields the GPU recipes need."""
+    from megatron_spo.megatron.model import recompute_overrides
+    from megatron_spo.megatron.optimizer import OptimSettings, optimizer_config_kwargs
+
+    with pytest.raises(ConfigError, match="model.recompute=selective needs at least one"):
+        load_config(overrides=["model.recompute=selective", "model.recompute_modules=[]"])
+    cfg = load_config(overrides=["model.recompute=full", "model.recompute_method=block",
+                                 "model.recompute_num_layers=2", "optim.cpu_offload=true",
+                                 "optim.offload_fraction=0.5", "parallel.distributed_optimizer=true"])
+    m = cfg.model
+    assert recompute_overrides(m.recompute, m.recompute_method, m.recompute_num_layers, m.recompute_modules) == {
+        "recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2}
+    kw = optimizer_config_kwargs(OptimSettings.from_config(cfg.optim, 10, distributed_optimizer=True),
+                                 params_dtype=torch.bfloat16)
+    assert (kw["optimizer_cpu_offload"], kw["optimizer_offload_fraction"], kw["use_precision_aware_optimizer"],
+            kw["use_distributed_optimizer"], kw["overlap_cpu_optimizer_d2h_h2d"]) == (True, 0.5, True, True, True)
+    default = optimizer_config_kwargs(OptimSettings.from_config(load_config().optim, 10), params_dtype=torch.float32)
+    assert (default["optimizer_cpu_offload"], default["optimizer_offload_fraction"],
+            default["use_precision_aware_optimizer"]) == (False, 0.0, False)
+    with pytest.raises(ValueError, match="need the distributed optimizer with adam"):
+        optimizer_config_kwargs(OptimSettings(cpu_offload=True), params_dtype=torch.float32)
 
 
 def test_moe_with_tensor_parallel_needs_sequence_parallel():

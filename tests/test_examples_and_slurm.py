@@ -117,6 +117,20 @@ def test_qwen3_30b_a3b_recipe_numbers_and_layout():
         assert all(c.ok for c in checks) is ok, (world, [c.line() for c in checks])
 
 
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipes_recompute_full_layers(name):
+    m = load_config(EXAMPLES / name).model
+    assert (m.recompute, m.recompute_method, m.recompute_num_layers) == ("full", "uniform", 1)
+
+
+def test_qwen3_30b_a3b_on_8_gpus_offloads_the_optimizer():
+    """The recipe's 8-GPU variant, as examples/README.md gives it, is a valid config."""
+    text = (EXAMPLES / "qwen3_30b_a3b_spo.yaml").read_text()
+    assert "--set optim.cpu_offload=true" in text and "--set optim.cpu_offload=true" in (EXAMPLES / "README.md").read_text()
+    cfg = load_config(EXAMPLES / "qwen3_30b_a3b_spo.yaml", ["optim.cpu_offload=true"])
+    assert cfg.optim.cpu_offload and cfg.optim.offload_fraction == 1.0 and cfg.parallel.distributed_optimizer
+
+
 def test_qwen3_8b_layout_valid_on_8_gpus():
     cfg = load_config(EXAMPLES / "qwen3_8b_spo.yaml")
     env = {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}

@@ -228,6 +228,39 @@ def _patch_clip_grad() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. patch_checkpoint_rng: activation recompute saves and restores the CUDA generator.
+# ----------------------------------------------------------------------------------------------
+def _patch_checkpoint_rng() -> None:
+    """Activation recompute (``tensor_parallel.checkpoint``) saves every generator's state before the
+    forward and restores it for the recompute in the backward, so dropout draws the same masks twice.
+    On CPU the generators are the CPU one (which the same code already saves and restores) and the
+    tracker's named states (CPU states, shim 2): the CUDA part has nothing to save. An empty state out,
+    nothing in."""
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+
+    def get_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)
+
+    def set_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    random._get_cuda_rng_state = get_cuda_rng_state
+    random._set_cuda_rng_state = set_cuda_rng_state
+
+    # The recompute runs inside the autograd backward, where the process-wide mode of shim 1 is not
+    # active: run it under that mode too, so its `device="cuda"` allocations land on the CPU.
+    def under_cpu_mode(fn: Callable) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with _CudaToCpuMode():
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    random.CheckpointFunction.backward = staticmethod(under_cpu_mode(random.CheckpointFunction.backward))
+    random.CheckpointWithoutOutput._recompute = under_cpu_mode(random.CheckpointWithoutOutput._recompute)
+
+
 def apply_cpu_shims() -> bool:
     """Install the CPU shims once if CUDA is absent. Returns True if shims are (now) active."""
     global _APPLIED
@@ -244,5 +277,6 @@ def apply_cpu_shims() -> bool:
         _patch_moe_te_gemm()
         _patch_moe_splits()
         _patch_clip_grad()
+        _patch_checkpoint_rng()
         _APPLIED = True
     return True

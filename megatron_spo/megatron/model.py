@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,29 @@ def hf_to_transformer_config(
         )
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def recompute_overrides(recompute: str, method: str = "uniform", num_layers: int = 1,
+                        modules: Sequence[str] = ("core_attn",)) -> Dict[str, Any]:
+    """``TransformerConfig`` fields for activation recompute (pass to ``build_model`` / ``MegatronActor``).
+
+    ``recompute``: "none"; "full" (whole layers: ``method`` "uniform" makes every ``num_layers`` layers one
+    unit, "block" recomputes the first ``num_layers`` layers of each pipeline stage); or "selective" (only
+    ``modules``, megatron's names: core_attn, mlp, moe, layernorm, moe_act, shared_experts). Losses and
+    gradients are unchanged (tests/megatron/test_recompute.py); only activation memory and compute move.
+    """
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        if method not in ("uniform", "block") or num_layers < 1:
+            raise ValueError(f"recompute=full needs method 'uniform' or 'block' and num_layers >= 1, "
+                             f"got method={method!r} num_layers={num_layers}")
+        return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
+    if recompute == "selective":
+        if not modules:
+            raise ValueError("recompute=selective needs at least one module")
+        return {"recompute_granularity": "selective", "recompute_modules": list(modules)}
+    raise ValueError(f"recompute={recompute!r}; choose 'none', 'full' or 'selective'")
 
 
 def layer_spec(config: Any, use_te: Optional[bool] = None, vp_stage: Optional[int] = None):

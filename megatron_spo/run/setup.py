@@ -32,7 +32,7 @@ def build_actor(cfg: Config):
     (model chunks, DDP, optimizer, LR schedule, policy loss) and load ``model.path``'s HF weights."""
     from megatron_spo.megatron.actor import LossSettings, MegatronActor
     from megatron_spo.megatron.export import load_hf_weights
-    from megatron_spo.megatron.model import load_hf_config
+    from megatron_spo.megatron.model import load_hf_config, recompute_overrides
     from megatron_spo.megatron.optimizer import OptimSettings
     from megatron_spo.megatron.parallel import ParallelSizes, initialize_parallel
 
@@ -52,6 +52,8 @@ def build_actor(cfg: Config):
                           entropy_coef=loss.entropy_coef),
         micro_batch_tokens=cfg.train.micro_batch_tokens, temperature=cfg.rollout.temperature,
         params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
-        aux_loss_coef=cfg.model.moe_aux_loss_coef)
+        aux_loss_coef=cfg.model.moe_aux_loss_coef,
+        **recompute_overrides(cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers,
+                              cfg.model.recompute_modules))
     load_hf_weights(actor.model, cfg.model.path)
     return actor

@@ -60,11 +60,12 @@ def _full(actor, hf_dir):
 
 
 def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48, *, use_te=None,
-                distributed_optimizer=False, gather_grads=True, agg="token-mean"):
+                distributed_optimizer=False, gather_grads=True, agg="token-mean", optim_extra=None):
     """Score, forward-backward, gather grads, one clipped SGD step, gather params (one layout).
 
     ``gather_grads=False`` for the distributed optimizer, whose main_grad buffers hold only this
-    rank's reduce-scattered shard after the backward.
+    rank's reduce-scattered shard after the backward. ``optim_extra``: other ``OptimSettings`` fields
+    (e.g. Adam with CPU offload).
     """
     from megatron.core import parallel_state as ps
 
@@ -77,8 +78,8 @@ def _run_layout(family, sizes, hf_dir, batch, groups=None, micro_batch_tokens=48
 
     cfg = load_hf_config(hf_dir)
     dp = initialize_parallel(sizes, hf_config=cfg, seed=7)
-    actor = MegatronActor(cfg, optim=OptimSettings(lr=LR, clip_grad=CLIP, optimizer="sgd",
-                                                   distributed_optimizer=distributed_optimizer),
+    optim = {"lr": LR, "clip_grad": CLIP, "optimizer": "sgd", **(optim_extra or {})}
+    actor = MegatronActor(cfg, optim=OptimSettings(distributed_optimizer=distributed_optimizer, **optim),
                           loss=LossSettings(name="ppo", agg=agg), micro_batch_tokens=micro_batch_tokens, use_te=use_te,
                           sequence_parallel=sizes.sequence_parallel)
     load_hf_weights(actor.model, hf_dir)
