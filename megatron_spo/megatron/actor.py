@@ -123,6 +123,18 @@ class MegatronActor:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
 
+    def summary(self) -> str:
+        """One line: parameters on this rank and the activation recompute, read back from the built model."""
+        c = _unwrap(self.model[0]).config
+        if c.recompute_granularity == "full":
+            recompute = f"full ({c.recompute_method}, {c.recompute_num_layers} layer(s) per unit)"
+        elif c.recompute_granularity == "selective":
+            recompute = f"selective ({', '.join(c.recompute_modules)})"
+        else:
+            recompute = "off"
+        params = sum(p.numel() for chunk in self.model for p in chunk.parameters())
+        return f"actor: {params:,} parameters on this rank, activation recompute {recompute}"
+
     # ------------------------------------------------------------------------------------------
     # micro-batching
     # ------------------------------------------------------------------------------------------

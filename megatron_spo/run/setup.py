@@ -56,4 +56,6 @@ def build_actor(cfg: Config):
         **recompute_overrides(cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers,
                               cfg.model.recompute_modules))
     load_hf_weights(actor.model, cfg.model.path)
+    if torch.distributed.get_rank() == 0:
+        print(actor.summary(), flush=True)
     return actor
