@@ -2,7 +2,7 @@
 
 A sandbox serves exactly one request and is destroyed with it. Its life:
 
-1. **spawn** (:meth:`Runner._spawn`): bwrap (all namespaces, private tmpfs work dir) and the bootstrap
+1. **spawn** (:meth:`Runner._spawn`, :mod:`megatron_spo.sandbox.process`): bwrap (all namespaces, private tmpfs work dir) and the bootstrap
    interpreter (:mod:`megatron_spo.sandbox.bootstrap`), in its own process group, under the slot uid, with the
    server's ceiling rlimits, inside the slot's cgroup. It then waits on its stdin. With the **warm pool** (the
    server's default) this happens right after the slot's previous run is swept, so the next request on the
@@ -25,34 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from megatron_spo.sandbox import api, bootstrap
-from megatron_spo.sandbox.isolation import (
-    BwrapSpec,
-    CgroupV1,
-    RunLimits,
-    bwrap_argv,
-    kill_group,
-    kill_uid,
-    make_preexec,
-    sandbox_env,
-)
+from megatron_spo.sandbox import api, bootstrap, process
+from megatron_spo.sandbox.isolation import BwrapSpec, CgroupV1, RunLimits, bwrap_argv, make_preexec, sandbox_env
+from megatron_spo.sandbox.process import DRAIN_GRACE_S, PIPE_LIMIT, Sandbox
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 16
-_DRAIN_GRACE_S = 2.0  # after the kill, how long the pipes may take to reach EOF
-_START_TIMEOUT_S = 60.0  # from spawn to the ready byte (about 20 ms on an idle 2-core machine)
 
 
 @dataclass
@@ -67,87 +53,18 @@ class RunnerConfig:
     warm_pool: bool = False  # spawn each slot's next sandbox right after its run (the server turns it on)
 
 
-@dataclass
-class Sandbox:
-    """A started sandbox waiting for its one request: its main process (bwrap, or the interpreter in the
-    unsafe mode) with its pipes attached to the event loop. ``workdir`` is the host temp dir of the unsafe mode
-    (None with bwrap: the work dir is a private tmpfs that dies with the sandbox)."""
-
-    slot: int
-    popen: subprocess.Popen
-    workdir: Optional[str] = None
-    stdin: Optional[asyncio.StreamWriter] = None  # None only until the pipes are attached
-    stdout: Optional[asyncio.StreamReader] = None
-    stderr: Optional[asyncio.StreamReader] = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> Optional[int]:
-        return self.popen.poll()  # reaps the main process once it has exited
-
-
-async def _attach_pipes(popen: subprocess.Popen) -> Tuple[asyncio.StreamWriter, asyncio.StreamReader,
-                                                         asyncio.StreamReader]:
-    """Asyncio streams over a started child's stdin, stdout and stderr."""
-    loop = asyncio.get_running_loop()
-    readers = []
-    for pipe in (popen.stdout, popen.stderr):
-        reader = asyncio.StreamReader(limit=_CHUNK)
-        await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
-        readers.append(reader)
-    transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-                                                        popen.stdin)
-    return asyncio.StreamWriter(transport, protocol, None, loop), readers[0], readers[1]
-
-
 async def _read_capped(stream: asyncio.StreamReader, cap: int) -> Tuple[bytearray, int]:
     """Read to EOF keeping the first ``cap`` bytes; returns (kept bytes, dropped byte count)."""
     kept = bytearray()
     dropped = 0
     while True:
-        chunk = await stream.read(_CHUNK)
+        chunk = await stream.read(PIPE_LIMIT)
         if not chunk:
             return kept, dropped
         room = cap - len(kept)
         if room > 0:
             kept += chunk[:room]
         dropped += max(0, len(chunk) - max(room, 0))
-
-
-async def _wait_ready(sandbox: Sandbox) -> None:
-    """Wait for the bootstrap's ready byte: from then on the sandbox only waits for its request."""
-    try:
-        first = await asyncio.wait_for(sandbox.stdout.readexactly(len(bootstrap.READY)), _START_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise RuntimeError(f"the sandbox did not become ready within {_START_TIMEOUT_S:g} s") from None
-    except asyncio.IncompleteReadError:
-        first = None
-    if first != bootstrap.READY:
-        err = await asyncio.wait_for(sandbox.stderr.read(4096), _DRAIN_GRACE_S)
-        raise RuntimeError(f"the sandbox did not start (exit code {sandbox.popen.poll()}, stdout began {first!r}): "
-                           f"{err.decode('utf-8', 'replace').strip()[-2000:]}")
-
-
-async def _exited(sandbox: Sandbox) -> None:
-    """Return when the main process has exited, whether or not its pipes are still open (a daemonised child
-    may hold them). A pidfd becomes readable at exit (before reaping)."""
-    if sandbox.popen.returncode is not None:
-        return
-    try:
-        pidfd = os.pidfd_open(sandbox.pid)
-    except ProcessLookupError:  # already exited and reaped
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await done
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
 
 
 def _exit_status(rc: int) -> Tuple[int, Optional[int]]:
@@ -162,24 +79,6 @@ def _exit_status(rc: int) -> Tuple[int, Optional[int]]:
     return rc, None
 
 
-def _popen_closing(fds: List[int], argv: List[str], **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen`` on the spawner thread; closes ``fds`` (the child's cgroup.procs) once it returns."""
-    try:
-        return subprocess.Popen(argv, **kwargs)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _discard_unclaimed(workdir: Optional[str], started: asyncio.Future) -> None:
-    """Done-callback of a spawn whose caller was cancelled: kill the sandbox it started (its pid namespace dies
-    with bwrap; the next sweep of the slot reaps what is left) and remove its work dir."""
-    if not started.cancelled() and started.exception() is None:
-        kill_group(started.result().pid)
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def _bootstrap_source() -> str:
     with open(bootstrap.__file__, encoding="utf-8") as f:
         return f.read()
@@ -192,10 +91,7 @@ class Runner:
         self.config = config
         self._command = [config.python, "-c", _bootstrap_source()]
         self._warm: Dict[int, asyncio.Future] = {}  # slot -> future of its next Sandbox
-        # Popen with a preexec_fn cannot use vfork: it blocks its caller for the fork of the server and until
-        # the child has exec'd (7-19 ms measured here). It runs on this thread, not on the event loop, so a
-        # refill never delays a response. One long-lived thread: bwrap --die-with-parent watches the thread
-        # that forked it.
+        # Sandboxes are started on this one long-lived thread, never on the event loop (see process.start).
         self._spawner: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     def _slot_uid(self, slot: int) -> Optional[int]:
@@ -239,63 +135,15 @@ class Runner:
                 cg_fds = cfg.cgroup.procs_fds(slot)
             if self._spawner is None:
                 self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawn")
-            job = functools.partial(
-                _popen_closing,
-                cg_fds,
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                preexec_fn=make_preexec(uid, uid, ceiling, cg_fds),
-                process_group=0,  # own group for killpg; not a new session (see _drop_controlling_tty)
-            )
-            started = asyncio.get_running_loop().run_in_executor(self._spawner, job)
-            cg_fds = []  # the job closes them once the child has exec'd
+            preexec = make_preexec(uid, uid, ceiling, cg_fds)
         except BaseException:
             for fd in cg_fds:
                 os.close(fd)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
-        try:
-            popen = await asyncio.shield(started)
-        except asyncio.CancelledError:
-            # The spawner thread finishes the Popen regardless: kill what it starts, nobody will claim it.
-            started.add_done_callback(functools.partial(_discard_unclaimed, workdir))
-            raise
-        except BaseException:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        sandbox = Sandbox(slot, popen, workdir)
-        try:
-            sandbox.stdin, sandbox.stdout, sandbox.stderr = await _attach_pipes(popen)
-            await _wait_ready(sandbox)
-        except BaseException:
-            await self._dispose(sandbox)
-            raise
-        return sandbox
-
-    async def _dispose(self, sandbox: Sandbox) -> int:
-        """Kill everything of the sandbox's slot and wait for its main process; returns how many were killed."""
-        slot = sandbox.slot
-        kill_group(sandbox.pid)
-        killed = 0
-        if self.config.cgroup is not None:
-            killed += self.config.cgroup.kill_all(slot)
-        uid = self._slot_uid(slot)
-        if uid is not None:
-            killed += kill_uid(uid, exclude=(sandbox.pid,))
-        if sandbox.returncode is None:  # killed above: its exit is a moment away
-            await _exited(sandbox)
-            sandbox.popen.wait()
-        if sandbox.stdin is not None:
-            sandbox.stdin.close()
-        if sandbox.workdir is not None:
-            shutil.rmtree(sandbox.workdir, ignore_errors=True)
-        return killed
+        return await process.start(slot, argv, uid=uid, cwd=cwd, env=env, preexec=preexec, cgroup_fds=cg_fds,
+                                   cgroup=cfg.cgroup, workdir=workdir, executor=self._spawner)
 
     async def _acquire(self, slot: int) -> Sandbox:
         """The slot's warm sandbox if it is alive, else a new one."""
@@ -313,7 +161,7 @@ class Runner:
                     return sandbox
                 log.warning("slot %d: the warm sandbox exited while idle (code %s); starting another",
                             slot, sandbox.returncode)
-                await self._dispose(sandbox)
+                await process.destroy(sandbox)
         return await self._spawn(slot)
 
     def prewarm(self, slots) -> None:
@@ -345,7 +193,7 @@ class Runner:
                 sandbox = await fut
             except Exception:
                 continue
-            await self._dispose(sandbox)
+            await process.destroy(sandbox)
         if self._spawner is not None:
             self._spawner.shutdown(wait=False)
             self._spawner = None
@@ -373,23 +221,23 @@ class Runner:
         timed_out = False
         try:
             try:
-                await asyncio.wait_for(_exited(sandbox), timeout=req.run_timeout)
+                await asyncio.wait_for(process.exited(sandbox), timeout=req.run_timeout)
             except asyncio.TimeoutError:
                 timed_out = True
             elapsed = time.monotonic() - t0
         finally:
             # Runs on success, timeout and cancellation (client went away): nothing may outlive the run.
-            leftovers = await self._dispose(sandbox)
+            leftovers = await process.destroy(sandbox)
             self.prewarm([slot])
         try:
             (out, out_dropped), (err, err_dropped) = await asyncio.wait_for(
-                asyncio.gather(out_task, err_task), timeout=_DRAIN_GRACE_S
+                asyncio.gather(out_task, err_task), timeout=DRAIN_GRACE_S
             )
         except asyncio.TimeoutError:  # a pipe kept open by something we could not see; take no output
             out_task.cancel()
             err_task.cancel()
             (out, out_dropped), (err, err_dropped) = (bytearray(), 0), (bytearray(), 0)
-            log.error("slot %d: output pipes did not close %.1f s after the kill", slot, _DRAIN_GRACE_S)
+            log.error("slot %d: output pipes did not close %.1f s after the kill", slot, DRAIN_GRACE_S)
         stdin_task.cancel()
 
         notes = []
