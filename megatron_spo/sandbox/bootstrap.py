@@ -35,8 +35,9 @@ READY = b"R"
 PER_REQUEST_RLIMITS = ("RLIMIT_AS", "RLIMIT_CPU")
 
 
-def encode_frame(code: str, files: dict, rlimits: dict) -> bytes:
-    """Server side: the frame for one request (without its stdin, which the server writes right after).
+def frame_parts(code: str, files: dict, rlimits: dict) -> list:
+    """Server side: the frame for one request as a list of byte strings to write in order (without its stdin,
+    which the server writes right after). The files' own bytes objects are parts: they are not copied.
 
     ``files`` maps a relative path to bytes; ``rlimits`` maps a name of :data:`PER_REQUEST_RLIMITS` to a value.
     """
@@ -47,7 +48,7 @@ def encode_frame(code: str, files: dict, rlimits: dict) -> bytes:
         "rlimits": [[name, int(value)] for name, value in rlimits.items()],
     }
     head = marshal.dumps(header, 2)
-    return b"".join([len(head).to_bytes(HEADER_LEN_BYTES, "big"), head, *files.values(), code_bytes])
+    return [len(head).to_bytes(HEADER_LEN_BYTES, "big"), head, *files.values(), code_bytes]
 
 
 def _read_exact(fd, n):

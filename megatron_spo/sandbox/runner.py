@@ -210,12 +210,13 @@ class Runner:
             return api.error_response(f"sandbox could not start the run: {type(exc).__name__}: {exc}")
         if cfg.cgroup is not None:
             cfg.cgroup.set_memory_limit(slot, self._cgroup_bytes(req.memory_limit_mb))
-        frame = bootstrap.encode_frame(
+        frame = bootstrap.frame_parts(
             req.code, req.files, {"RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_CPU": limits.cpu_seconds}
         )
         cap = cfg.limits.max_output_bytes
         t0 = time.monotonic()
-        stdin_task = asyncio.ensure_future(self._feed_stdin(sandbox.stdin, [frame, (req.stdin or "").encode("utf-8")]))
+        stdin = (req.stdin or "").encode("utf-8")
+        stdin_task = asyncio.ensure_future(self._feed_stdin(sandbox.stdin, [*frame, stdin]))
         out_task = asyncio.ensure_future(_read_capped(sandbox.stdout, cap))
         err_task = asyncio.ensure_future(_read_capped(sandbox.stderr, cap))
         timed_out = False

@@ -19,6 +19,10 @@ import pytest
 from megatron_spo.sandbox import bootstrap
 from megatron_spo.sandbox.isolation import sandbox_env
 
+def encode_frame(code, files, rlimits):
+    return b"".join(bootstrap.frame_parts(code, files, rlimits))
+
+
 INTERPRETERS = sorted({sys.executable, *(p for p in ["/usr/bin/python3"] if os.access(p, os.X_OK))})
 SOURCE = open(bootstrap.__file__, encoding="utf-8").read()
 
@@ -59,7 +63,7 @@ def _cold(python, code, files, stdin, workdir):
 
 
 def _warm(python, code, files, stdin, workdir, rlimits=None):
-    frame = bootstrap.encode_frame(code, files, rlimits or {})
+    frame = encode_frame(code, files, rlimits or {})
     p = subprocess.run([python, "-c", SOURCE], input=frame + stdin.encode(), capture_output=True, cwd=workdir,
                        env=sandbox_env(), timeout=60)
     assert p.stdout.startswith(bootstrap.READY)  # the server reads this byte before the request's output
@@ -111,7 +115,7 @@ def test_large_files_and_stdin_pass_through_the_frame(tmp_path):
 
 
 def test_truncated_frame_is_an_error_not_a_hang(tmp_path):
-    frame = bootstrap.encode_frame("print(1)", {"a.txt": b"abc"}, {})
+    frame = encode_frame("print(1)", {"a.txt": b"abc"}, {})
     p = subprocess.run([sys.executable, "-c", SOURCE], input=frame[:-5], capture_output=True, cwd=tmp_path,
                        timeout=60)
     assert p.returncode == 1 and b"closed the sandbox's stdin before the request was complete" in p.stderr
@@ -120,7 +124,7 @@ def test_truncated_frame_is_an_error_not_a_hang(tmp_path):
 def test_a_file_that_does_not_fit_is_reported(tmp_path):
     """RLIMIT_FSIZE (set at spawn) stops a request file that is too big; the message names the file."""
     code = "print('ran')"
-    frame = bootstrap.encode_frame(code, {"big.bin": b"0" * (1 << 20)}, {})
+    frame = encode_frame(code, {"big.bin": b"0" * (1 << 20)}, {})
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
     p = subprocess.run([sys.executable, "-c", limit + SOURCE], input=frame, capture_output=True, cwd=tmp_path,
                        timeout=60)
@@ -134,5 +138,5 @@ def test_files_payload_round_trip_with_base64_request():
 
     body = {"code": "pass", "files": {"d/e.bin": base64.b64encode(b"\x00\xffabc").decode()}}
     req = api.parse_request(body, api.Limits())
-    frame = bootstrap.encode_frame(req.code, req.files, {})
+    frame = encode_frame(req.code, req.files, {})
     assert frame.endswith(b"\x00\xffabc" + b"pass")
