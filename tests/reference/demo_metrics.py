@@ -1,0 +1,87 @@
+"""Bit-for-bit reference of the demo's metrics: regenerate and compare.
+
+``python tests/reference/demo_metrics.py check`` runs ``megatron-spo demo --steps 30`` for SPO and for
+GRPO in fresh run directories and compares every non-timing metric of every logged step, bit for bit
+(floats compared by their exact value), with the JSON files beside this script. ``record`` rewrites
+those files from the current code. The references were recorded on the code before the trainer's
+algorithm-step refactor, so a pass shows that the refactor changed no number the run produces.
+
+The numbers depend on the machine's floating-point kernels (CPU, thread count, torch build): a
+mismatch on another machine means "re-record there before a refactor", not "the code is wrong".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+HERE = Path(__file__).resolve().parent
+ALGOS = ("spo", "grpo")
+STEPS = 30
+# Wall-clock figures (phase seconds, tokens per second, step time) differ between any two runs.
+TIMING = re.compile(r"(^time$|seconds|_s$|per_s|tok/s|/time|time/|throughput|tokens_per)")
+
+
+def reference_path(algo: str) -> Path:
+    return HERE / f"demo_{algo}_{STEPS}.json"
+
+
+def non_timing(rows: List[Dict]) -> List[Dict]:
+    return [{k: v for k, v in row.items() if not TIMING.search(k)} for row in rows]
+
+
+def run_demo(algo: str, run_dir: Path) -> List[Dict]:
+    """Run the demo in a fresh process (the same one the README's command starts) and read its metrics."""
+    cmd = [sys.executable, "-m", "megatron_spo.cli", "demo", "--algo", algo, "--steps", str(STEPS),
+           "--run-dir", str(run_dir)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ))
+    lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+    return non_timing([json.loads(line) for line in lines if line.strip()])
+
+
+def differences(expected: List[Dict], got: List[Dict]) -> List[str]:
+    out = []
+    if len(expected) != len(got):
+        out.append(f"{len(got)} logged rows, reference has {len(expected)}")
+    for i, (a, b) in enumerate(zip(expected, got)):
+        for key in sorted(set(a) | set(b)):
+            if key not in b:
+                out.append(f"row {i} (step {a.get('step')}): {key} missing")
+            elif key not in a:
+                out.append(f"row {i} (step {b.get('step')}): {key} not in the reference")
+            elif a[key] != b[key]:
+                out.append(f"row {i} (step {a.get('step')}): {key} = {b[key]!r}, reference {a[key]!r}")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("record", "check"))
+    parser.add_argument("--algo", choices=ALGOS, action="append", help="default: both")
+    args = parser.parse_args(argv)
+    failed = False
+    for algo in args.algo or ALGOS:
+        with tempfile.TemporaryDirectory(prefix=f"demo_ref_{algo}_") as tmp:
+            rows = run_demo(algo, Path(tmp))
+        if args.action == "record":
+            reference_path(algo).write_text(json.dumps(rows, indent=1) + "\n")
+            print(f"{algo}: recorded {len(rows)} rows, {sum(len(r) for r in rows)} values")
+            continue
+        diff = differences(json.loads(reference_path(algo).read_text()), rows)
+        failed |= bool(diff)
+        print(f"{algo}: {'identical' if not diff else f'{len(diff)} differences'} "
+              f"({len(rows)} rows, {sum(len(r) for r in rows)} values)")
+        for line in diff[:20]:
+            print("  " + line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
