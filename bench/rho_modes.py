@@ -1,13 +1,13 @@
 """P2: the SPO tracker's ρ in ``exact`` vs ``accumulated`` mode: forward work, and agreement of the estimates.
 
-Two trainer runs on the demo task (``megatron_spo.train.setup`` + ``train_step``, the demo config:
+Two trainer runs on the demo task (``megatron_spo.trainer.loop.setup`` + ``train_step``, the demo config:
 32 prompts x 1 response per step, 2 PPO updates per step, same warm model and seed), one after the
 other in fresh processes, single process world (DP = 1):
 
 1. **exact** (``algo.spo.rho_mode=exact``, the reference): after the update the trainer re-scores each
-   prompt's stored row and scores the current rows (``spo_state.exact_rho_inputs``).
+   prompt's stored row and scores the current rows (``megatron_spo.trainer.spo.exact_rho_inputs``).
 2. **accumulated** (``algo.spo.rho_mode=accumulated``): ρ from the drift ledger, fed once per step with
-   ``spo_state.step_drift`` of the per-update ``actor/abs_logratio``.
+   ``megatron_spo.trainer.spo.step_drift`` of the per-update ``actor/abs_logratio``.
 
 **Forward work.** ``actor.score`` and ``actor.train_step`` are wrapped (the package is unchanged) to
 count the tokens each call pushes through the model: the real (unpadded) row lengths, prompt +
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from megatron_spo.run.fresh_process import in_fresh_process
+from megatron_spo.fresh_process import in_fresh_process
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,8 +123,8 @@ class ForwardCounter:
 
         actor.score, actor.train_step = counted_score, counted_train_step
 
-    def wrap_rho_inputs(self, spo_state: Any) -> None:
-        inner = spo_state.exact_rho_inputs
+    def wrap_rho_inputs(self, spo_step: Any) -> None:
+        inner = spo_step.exact_rho_inputs
 
         def flagged(*args, **kwargs):
             self.in_rho = True
@@ -133,7 +133,7 @@ class ForwardCounter:
             finally:
                 self.in_rho = False
 
-        spo_state.exact_rho_inputs = flagged
+        spo_step.exact_rho_inputs = flagged
 
     def summary(self) -> Dict[str, float]:
         t = max(self.trained_tokens, 1)
@@ -177,7 +177,7 @@ class ShadowAccumulated:
     def __init__(self, run: Any) -> None:
         from megatron_spo.algos.spo_tracker import ValueTracker
 
-        t = run.tracker
+        t = run.algorithm.tracker
         cfg = {**t.config(), "rho_mode": "accumulated"}
         self.shadow = ValueTracker(**cfg)
         self.shadow.add(list(dict.fromkeys(run.dataset.keys())), 0.5, 0.5)
@@ -194,16 +194,20 @@ class ShadowAccumulated:
 
         t.exact_distance = capture
 
-    def wrap(self, train_module: Any) -> None:
-        from megatron_spo.run import spo_state, train_batch
+    def wrap(self, run: Any) -> None:
+        """Feed the shadow from the SPO family's after-update step (the package is unchanged)."""
+        from megatron_spo.trainer import spo as spo_step
+        from megatron_spo.trainer import train_batch
 
-        inner = train_module.update_tracker
+        family = run.algorithm
+        inner = family.after_update
 
-        def update_tracker(run, samples, local, rows, drift):
+        def after_update(actor, outcome, metrics):
+            samples, drift = outcome.samples, outcome.abs_logratio
             ok = train_batch.ok_mask(samples)
             good = [i for i in range(len(samples)) if bool(ok[i])]
             gkeys = [samples[i].key for i in good]
-            step_drift = spo_state.step_drift(drift)
+            step_drift = spo_step.step_drift(drift)
             self.drifts.append(step_drift)
             self.shadow.record_step_drift(step_drift)
             if gkeys:
@@ -211,7 +215,7 @@ class ShadowAccumulated:
                 rho_acc = self.shadow.rho_from_distance(d_acc)
                 revisit = self.exact.has_memory(gkeys)
             self.captured.clear()
-            inner(run, samples, local, rows, drift)
+            inner(actor, outcome, metrics)
             if not gkeys:
                 return
             keys, d_ex = self.captured[-1]
@@ -224,7 +228,7 @@ class ShadowAccumulated:
                                        "rho_exact": float(rho_ex[i]), "rho_acc": float(rho_acc[i])})
             self.shadow.update(gkeys, train_batch.rewards_of(samples)[good], rho_acc)
 
-        train_module.update_tracker = update_tracker
+        family.after_update = after_update
 
     def summary(self) -> Dict[str, Any]:
         p = self.pairs
@@ -262,24 +266,24 @@ def run_mode(mode: str, warm: str, data: str, run_dir: str, *, steps: int, seed:
     import torch
 
     torch.set_num_threads(1)
-    from megatron_spo import train as train_module
+    from megatron_spo.trainer import loop as train_module
     from megatron_spo.config import load_config
     from megatron_spo.demo import demo_overrides
     from megatron_spo.megatron.parallel import teardown_parallel
-    from megatron_spo.run import spo_state
-    from megatron_spo.run.engines import close_engine
+    from megatron_spo.trainer import spo as spo_step
+    from megatron_spo.rollout.build import close_engine
 
     overrides = demo_overrides(Path(run_dir), Path(warm), Path(data), "spo", steps) + [
         f"train.seed={seed}", f"algo.spo.rho_mode={mode}", "io.tensorboard=false", "train.eval_every=0"]
     run = train_module.setup(load_config(None, overrides))
     counter = ForwardCounter()
     counter.wrap(run.actor)
-    counter.wrap_rho_inputs(spo_state)
+    counter.wrap_rho_inputs(spo_step)
     drift_source = ensure_abs_logratio(run.actor)
     shadow = None
     if mode == "exact":
         shadow = ShadowAccumulated(run)
-        shadow.wrap(train_module)
+        shadow.wrap(run)
     rewards, seconds = [], []
     while run.step < steps:
         run.metrics = {}
@@ -293,7 +297,7 @@ def run_mode(mode: str, warm: str, data: str, run_dir: str, *, steps: int, seed:
     teardown_parallel()
     out = {"mode": mode, "forward": counter.summary(), "drift_source": drift_source,
            "step_seconds": sorted(seconds)[len(seconds) // 2], "reward_first": rewards[0],
-           "reward_last10": sum(rewards[-10:]) / len(rewards[-10:]), "ledger": float(run.tracker.ledger)}
+           "reward_last10": sum(rewards[-10:]) / len(rewards[-10:]), "ledger": float(run.algorithm.tracker.ledger)}
     if shadow is not None:
         out["agreement"] = shadow.summary()
         out["pairs"] = shadow.pairs

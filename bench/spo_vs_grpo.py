@@ -1,6 +1,6 @@
 """P3: SPO vs GRPO on the toy demo task with an equal budget of generated tokens, side by side in one run.
 
-Both arms are the ordinary trainer (``megatron_spo.train.setup`` + ``train_step``: Megatron actor,
+Both arms are the ordinary trainer (``megatron_spo.trainer.loop.setup`` + ``train_step``: Megatron actor,
 embedded engine, PPO-clip update) on the demo task "What is a + b?" (100 problems, reward 1 for
 ``\\boxed{a+b}``), from the SAME warm-started model (``megatron_spo.demo.prepare``), the same seed and
 the demo config (``demo_overrides``): 64 responses per step in both arms —
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from megatron_spo.run.fresh_process import in_fresh_process
+from megatron_spo.fresh_process import in_fresh_process
 
 
 def _eval_avg(run: Any, k: int) -> float:
@@ -73,8 +73,8 @@ def run_arm(algo: str, warm: str, data: str, run_dir: str, *, seed: int, eval_sa
     from megatron_spo.config import load_config
     from megatron_spo.demo import demo_overrides
     from megatron_spo.megatron.parallel import teardown_parallel
-    from megatron_spo.run.engines import close_engine
-    from megatron_spo.train import setup, train_step
+    from megatron_spo.rollout.build import close_engine
+    from megatron_spo.trainer.loop import setup, train_step
 
     overrides = demo_overrides(Path(run_dir), Path(warm), Path(data), algo, max_steps) + [
         f"train.seed={seed}", f"rollout.eval_samples={eval_samples}", "io.tensorboard=false"]

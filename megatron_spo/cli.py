@@ -14,14 +14,14 @@ from typing import List, Optional
 # Modules that provide sub-commands, in the order `--help` lists them.
 SUBCOMMAND_MODULES: List[str] = [
     "megatron_spo.demo",
-    "megatron_spo.train_cli",
-    "megatron_spo.run.evaluate",
-    "megatron_spo.run.estimate_values",
-    "megatron_spo.convert.cli",
+    "megatron_spo.commands.train",
+    "megatron_spo.commands.evaluate",
+    "megatron_spo.commands.estimate_values",
+    "megatron_spo.commands.convert",
     "megatron_spo.sandbox.cli",
-    "megatron_spo.rollout.http_server",
-    "megatron_spo.run.preflight",
-    "megatron_spo.config_cli",
+    "megatron_spo.commands.serve",
+    "megatron_spo.commands.preflight",
+    "megatron_spo.config.cli",
 ]
 
 

@@ -117,8 +117,8 @@ def prepare(run_dir: Path, *, warm_steps: int, warm_lr: float, seed: int = 0) ->
 
 def main(args: argparse.Namespace) -> int:
     from megatron_spo.config import load_config
-    from megatron_spo.run.metrics_log import read_metrics
-    from megatron_spo.train import train
+    from megatron_spo.trainer.loop import train
+    from megatron_spo.trainer.metrics_log import read_metrics
 
     run_dir = Path(args.run_dir)
     warm, data = prepare(run_dir, warm_steps=args.warm_steps, warm_lr=args.warm_lr, seed=args.seed)

@@ -138,7 +138,7 @@ urls_override() {
 # $RUN_DIR/STOP; every trainer rank sees it at the end of its step, checkpoints, writes
 # $RUN_DIR/PREEMPTED and exits 0; the shell then requeues the job. A signal sent to the job step
 # instead would also reach the torchrun agents, which kill their workers after a short grace period
-# (see megatron_spo/run/preemption.py).
+# (see megatron_spo/trainer/preemption.py).
 # ------------------------------------------------------------------------------------------------
 
 MSPO_STOP_REQUESTED=0
@@ -256,7 +256,7 @@ build_overrides() {
     MSPO_SETS=(--set "io.run_dir=$RUN_DIR")
     case "${ROLLOUT_ENGINE:-}" in
         sglang | vllm) MSPO_SETS+=(--set "rollout.engine=$ROLLOUT_ENGINE") ;;
-        # megatron_spo.rollout.http_server speaks SGLang's native /generate, so the SGLang client talks to it.
+        # megatron_spo.rollout.embedded.server speaks SGLang's native /generate, so the SGLang client talks to it.
         embedded) MSPO_SETS+=(--set "rollout.engine=sglang") ;;
         ray | "") ;;  # the config's engine (sglang / vllm) stays; Ray places its servers
         *) die "ROLLOUT_ENGINE must be sglang, vllm, embedded or ray, got '$ROLLOUT_ENGINE'" ;;
@@ -415,7 +415,7 @@ node_rollout() {
                     --tensor-parallel-size "$tp"
                     --worker-extension-cls megatron_spo.rollout.vllm_worker_ext.WorkerExtension) ;;
             embedded)
-                cmd=("${PYTHON:-python}" -m megatron_spo.rollout.http_server --model "$MODEL"
+                cmd=("${PYTHON:-python}" -m megatron_spo.rollout.embedded.server --model "$MODEL"
                     --host "$addr" --port "$port") ;;
             *) die "ROLLOUT_ENGINE must be sglang, vllm, embedded or ray, got '$ROLLOUT_ENGINE'" ;;
         esac

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_spo.demo import boxed_match, demo_overrides, problems
-from megatron_spo.run.metrics_log import read_metrics
+from megatron_spo.trainer.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

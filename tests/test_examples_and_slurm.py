@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from megatron_spo.config import load_config
-from megatron_spo.run.preflight import check_launch_env
+from megatron_spo.commands.preflight import check_launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
@@ -66,7 +66,7 @@ def _assert_shared_paper_numbers(cfg):
     assert (r.temperature, r.top_p, r.top_k) == (1.0, 1.0, -1)
     assert (r.eval_temperature, r.eval_top_p, r.eval_top_k, r.eval_samples) == (0.6, 0.95, 20, 16)
     assert (r.max_response_len, r.max_assistant_turns, r.max_user_turns) == (8192, 8, 8)
-    assert r.tool_response_max_chars == 256 and r.max_staleness == 0
+    assert r.tool_response_max_chars == 256
     assert cfg.data.max_prompt_len == 2048
     assert cfg.model.max_seq_len == 2048 + 8192
     t = cfg.train

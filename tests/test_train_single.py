@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.run.metrics_log import read_metrics
+from megatron_spo.trainer.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

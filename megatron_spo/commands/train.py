@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from megatron_spo.config import ConfigError, load_config
-from megatron_spo.config_cli import add_config_arguments
+from megatron_spo.config.cli import add_config_arguments
 
 DESCRIPTION = ("Train a policy with SPO / GRPO: rollouts on the engines, updates on the Megatron actor. "
                "Launch several processes with torchrun --nproc-per-node G -m megatron_spo.train ...")
@@ -22,7 +22,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_spo.train import train
+    from megatron_spo.trainer.loop import train
 
     overrides = list(args.overrides) + ([f"io.resume={args.resume}"] if args.resume else [])
     try:

@@ -1,19 +1,103 @@
-"""Start-up of a training run: parallel state, the Megatron actor with its weights, layout checks."""
+"""Start-up of a training run: parallel state, the Megatron actor, the algorithm family, the rollout side.
+
+:func:`setup` returns the :class:`Run`, everything the loop touches; layout checks run before the model
+is built.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional
+
 import torch
+import torch.distributed as dist
 
 from megatron_spo.config import Config, ConfigError
+from megatron_spo.data import PromptDataset
+from megatron_spo.trainer.algorithm import AlgorithmStep
+from megatron_spo.trainer.metrics_log import MetricsLogger
+from megatron_spo.trainer.prompt_stream import PromptStream
+from megatron_spo.trainer.registry import algorithm_class, build_algorithm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_spo.megatron.actor import MegatronActor
+    from megatron_spo.rollout.engine import Engine
+    from megatron_spo.rollout.phase import RolloutPhase
+    from megatron_spo.trainer.validation import Validator
+
+
+@dataclass
+class Run:
+    """Everything the loop touches. ``engine``, ``phase``, ``validator`` and ``logger`` live on rank 0 only.
+
+    Attributes:
+        algorithm: the family chosen by ``algo.advantage`` (draw, advantages, after-update, state).
+        stream: the shuffled dataset positions the family draws from (its state is checkpointed).
+        step: steps completed; weight_version: optimizer steps the engines' weights reflect (one
+            per training step); metrics: this step's metrics, filled as the step runs.
+    """
+
+    cfg: Config
+    actor: "MegatronActor"
+    dataset: PromptDataset
+    tokenizer: "PreTrainedTokenizerBase"
+    stream: PromptStream
+    algorithm: AlgorithmStep
+    logger: Optional[MetricsLogger] = None
+    engine: Optional["Engine"] = None
+    phase: Optional["RolloutPhase"] = None
+    validator: Optional["Validator"] = None
+    step: int = 0
+    weight_version: int = 0
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+
+def setup(cfg: Config) -> Run:
+    """Build the actor (after the layout checks), load the data, build the family; rank 0 also builds the
+    engine, the rollout phase and the validator."""
+    from transformers import AutoTokenizer
+
+    from megatron_spo.data import load_prompts
+
+    actor = build_actor(cfg)
+    rank = dist.get_rank()
+    if rank == 0:
+        cfg.save(cfg.io.run_dir)
+        print(cfg.to_yaml(), flush=True)
+    dataset = load_prompts(cfg.data.train_path, cfg.data.prompt_key, cfg.data.answer_key,
+                           skip_bad_rows=cfg.data.skip_bad_rows)
+    stream = PromptStream(len(dataset), seed=cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    run = Run(cfg=cfg, actor=actor, dataset=dataset, tokenizer=tokenizer, stream=stream,
+              algorithm=build_algorithm(cfg, dataset, stream))
+    if rank == 0:
+        from megatron_spo.rollout.build import build_engine, context_len
+        from megatron_spo.rollout.phase import RolloutPhase
+
+        run.engine = build_engine(cfg)
+        run.phase = RolloutPhase(run.engine, tokenizer, cfg.rollout, reward=cfg.data.reward,
+                                 max_prompt_len=cfg.data.max_prompt_len, skip_bad_rows=cfg.data.skip_bad_rows,
+                                 context_len=context_len(run.engine), seed=cfg.train.seed)
+        if cfg.data.eval_paths and cfg.train.eval_every:
+            from megatron_spo.trainer.validation import Validator
+
+            run.validator = Validator(cfg, run.engine, tokenizer, context_len(run.engine))
+    return run
 
 
 def samples_per_step(cfg: Config) -> int:
-    """Responses per step: prompts x 1 for SPO, prompts x group size for the group estimators."""
-    return cfg.train.prompts_per_step * (1 if cfg.algo.advantage == "spo" else cfg.algo.grpo.n)
+    """Responses per step: prompts x the family's responses per prompt (1 for SPO, the group size for GRPO)."""
+    return cfg.train.prompts_per_step * algorithm_class(cfg).samples_per_prompt(cfg)
 
 
 def check_run_config(cfg: Config, dp: int) -> None:
-    """Cross-checks that need the world layout; errors name the keys."""
+    """Cross-checks that need the world layout, then the family's own; errors name the keys."""
     if not cfg.model.path or not cfg.data.train_path:
         raise ConfigError("model.path and data.train_path must be set to train")
     n = samples_per_step(cfg)
@@ -23,8 +107,7 @@ def check_run_config(cfg: Config, dp: int) -> None:
     if cfg.train.updates_per_step > n // dp:
         raise ConfigError(f"train.updates_per_step={cfg.train.updates_per_step} exceeds the {n // dp} samples per "
                           "data-parallel rank")
-    if cfg.algo.advantage == "spo" and cfg.algo.spo.rho_mode == "accumulated" and cfg.train.updates_per_step < 2:
-        raise ConfigError("algo.spo.rho_mode=accumulated needs train.updates_per_step >= 2")
+    algorithm_class(cfg).check_config(cfg)
 
 
 def build_actor(cfg: Config):

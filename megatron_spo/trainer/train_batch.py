@@ -1,8 +1,8 @@
-"""From rewarded samples to the actor's batch: advantages, padded tensors, data-parallel shards.
+"""From rewarded samples to the actor's batch: padded tensors, rewards, mini-batches, mismatch sums.
 
-Every rank holds the whole step's samples (rank 0 rolls out and broadcasts them), so advantages
-are computed once over the whole batch, identically on every rank, and each data-parallel rank
-then takes its contiguous share. A failed sample (``finish_reason == "error"``) stays in the batch
+Every rank holds the whole step's samples (rank 0 rolls out and broadcasts them), so the algorithm
+family computes advantages once over the whole batch, identically on every rank, and each
+data-parallel rank then takes its contiguous share. A failed sample (``finish_reason == "error"``) stays in the batch
 with an all-zero loss mask and advantage 0: it trains nothing, keeps the batch divisible by the DP
 size, and is counted in the metrics; it is also left out of the advantage statistics and of the
 tracker update.
@@ -14,7 +14,7 @@ tokens (``logp[:, t]`` is the log-prob of ``input_ids[:, t]``), so the prompt's 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -57,51 +57,6 @@ def rewards_of(samples: Sequence[Sample]) -> torch.Tensor:
 def ok_mask(samples: Sequence[Sample]) -> torch.Tensor:
     """``[B]`` bool: samples that finished without error (and so train and update the tracker)."""
     return torch.tensor([s.ok for s in samples], dtype=torch.bool)
-
-
-def sequence_advantages(
-    advantage: str, rewards: torch.Tensor, ok: torch.Tensor, *, baseline: Optional[torch.Tensor] = None,
-    group_ids: Optional[torch.Tensor] = None, norm_by_std: bool = True,
-) -> torch.Tensor:
-    """``[B]`` advantage per sample by the estimator named ``advantage``; failed samples get 0.
-
-    Args:
-        advantage: "spo" (needs ``baseline``, the tracker's v̂ read before this step's update),
-            "grpo", "dr_grpo" or "rloo" (need ``group_ids``).
-        rewards: ``[B]``; ok: ``[B]`` bool.
-    """
-    from megatron_spo.algos import grpo, spo_advantage
-
-    out = torch.zeros_like(rewards)
-    if not bool(ok.any()):
-        return out
-    r = rewards[ok]
-    one = torch.ones(int(ok.sum()), 1)  # a one-token mask: the estimators broadcast to it
-    if advantage == "spo":
-        if baseline is None:
-            raise ValueError("SPO advantages need the tracker's baseline")
-        adv = spo_advantage.spo_advantages(r, baseline[ok].to(r.dtype), one)
-    elif advantage in ("grpo", "dr_grpo", "rloo"):
-        if group_ids is None:
-            raise ValueError(f"{advantage} advantages need group ids")
-        gid = group_ids[ok]
-        if advantage == "grpo":
-            adv = grpo.grpo_advantages(r, gid, one, norm_by_std=norm_by_std)
-        elif advantage == "dr_grpo":
-            adv = grpo.dr_grpo_advantages(r, gid, one)
-        else:
-            adv = grpo.rloo_advantages(r, gid, one, singleton="zero")
-    else:
-        raise ValueError(f"unknown advantage estimator {advantage!r}")
-    out[ok] = adv[:, 0].to(out.dtype)
-    return out
-
-
-def with_advantages(batch: Dict[str, torch.Tensor], seq_adv: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Add ``advantages`` ``[B, T]`` = the sample's advantage on its trained tokens, 0 elsewhere."""
-    out = dict(batch)
-    out["advantages"] = seq_adv.to(torch.float32).unsqueeze(1) * batch["loss_mask"]
-    return out
 
 
 def mini_batches(batch: Dict[str, torch.Tensor], count: int) -> List[Dict[str, torch.Tensor]]:

@@ -11,8 +11,8 @@ from typing import Any, Dict, List
 
 from megatron_spo.config import Config
 from megatron_spo.data import load_prompts
-from megatron_spo.run.evaluate import benchmark_names, default_ks, evaluate_benchmark
-from megatron_spo.run.rollout_phase import RolloutPhase, with_sampling
+from megatron_spo.rollout.phase import RolloutPhase, with_sampling
+from megatron_spo.trainer.benchmark import benchmark_names, default_ks, evaluate_benchmark
 
 
 class Validator:

@@ -6,6 +6,12 @@ GRPO in fresh run directories and compares every non-timing metric of every logg
 those files from the current code. The references were recorded on the code before the trainer's
 algorithm-step refactor, so a pass shows that the refactor changed no number the run produces.
 
+One exception, measured on the code before the refactor: the embedded engine's log-probs depend at
+the 1e-8 level on which requests happen to share a decode batch (thread timing), so the metrics made
+only from them (:data:`ENGINE_LOGP`) can differ between two runs of the same code (GRPO step 12 did in
+1 of 3 runs: ``mismatch/token_kl`` 1.44e-08 vs 1.87e-08). They are compared to :data:`ENGINE_LOGP_TOL`;
+every token, reward, loss, gradient norm and tracker value is compared exactly.
+
 The numbers depend on the machine's floating-point kernels (CPU, thread count, torch build): a
 mismatch on another machine means "re-record there before a refactor", not "the code is wrong".
 """
@@ -27,6 +33,11 @@ ALGOS = ("spo", "grpo")
 STEPS = 30
 # Wall-clock figures (phase seconds, tokens per second, step time) differ between any two runs.
 TIMING = re.compile(r"(^time$|seconds|_s$|per_s|tok/s|/time|time/|throughput|tokens_per)")
+
+
+# Metrics computed only from the engine's rollout log-probs (see the module docstring).
+ENGINE_LOGP = ("mismatch/token_kl", "mismatch/max_abs_logp_diff", "rollout/kl_k1", "rollout/kl_k3")
+ENGINE_LOGP_TOL = 1e-7
 
 
 def reference_path(algo: str) -> Path:
@@ -56,6 +67,8 @@ def differences(expected: List[Dict], got: List[Dict]) -> List[str]:
                 out.append(f"row {i} (step {a.get('step')}): {key} missing")
             elif key not in a:
                 out.append(f"row {i} (step {b.get('step')}): {key} not in the reference")
+            elif key in ENGINE_LOGP and abs(a[key] - b[key]) <= ENGINE_LOGP_TOL:
+                continue
             elif a[key] != b[key]:
                 out.append(f"row {i} (step {a.get('step')}): {key} = {b[key]!r}, reference {a[key]!r}")
     return out

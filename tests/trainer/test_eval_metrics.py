@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from megatron_spo.run.eval_metrics import format_table, majority_correct, pass_at_k, summarize
+from megatron_spo.trainer.eval_metrics import format_table, majority_correct, pass_at_k, summarize
 
 
 @pytest.mark.parametrize("n, c, k", [(5, 2, 1), (5, 2, 2), (5, 2, 3), (5, 2, 4), (8, 0, 3), (8, 8, 8), (6, 3, 6)])

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from megatron_spo.run.metrics_log import MetricsLogger, plot_metrics, read_metrics
-from megatron_spo.run.preemption import PreemptionFlag
+from megatron_spo.trainer.metrics_log import MetricsLogger, plot_metrics, read_metrics
+from megatron_spo.trainer.preemption import PreemptionFlag
 
 
 def test_jsonl_tensorboard_and_png(tmp_path):
@@ -60,7 +60,7 @@ def test_stop_file_requests_a_stop(tmp_path):
 
 
 def test_phase_clock_records_seconds_and_throughput():
-    from megatron_spo.run.metrics_log import PhaseClock
+    from megatron_spo.trainer.metrics_log import PhaseClock
 
     metrics = {}
     clock = PhaseClock(metrics)

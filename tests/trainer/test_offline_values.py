@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_spo.run.offline_values import load_scores, merge_scores, save_scores
+from megatron_spo.trainer.offline_values import load_scores, merge_scores, save_scores
 
 
 def test_merge_keeps_at_most_n_scores_drawn_from_the_union():

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from megatron_spo.run.prompt_stream import PromptStream
+from megatron_spo.trainer.prompt_stream import PromptStream
 
 
 def test_epochs_are_permutations_and_draws_cross_boundaries():
