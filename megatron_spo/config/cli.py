@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_spo.config import ConfigError, describe, load_config
+from megatron_spo.config.errors import ConfigError
+from megatron_spo.config.keys import describe
+from megatron_spo.config.loading import load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,14 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+_KEYS_HELP = """Print every config key, one a line:
+
+  section.key: type = default  # description
+
+Set a key in a YAML file under its section (see examples/), or with --set section.key=value
+(`config show` and the run-type sub-commands take --set)."""
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("config", help="show the resolved config or list every key")
     sub = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -39,5 +49,6 @@ def register(subparsers) -> None:
     add_config_arguments(show)
     show.add_argument("--save", metavar="DIR", help="also write config.yaml and config.json into DIR")
     show.set_defaults(func=_show)
-    keys = sub.add_parser("keys", help="list every key with its type and default")
+    keys = sub.add_parser("keys", help="list every key with its type, default and description",
+                          description=_KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     keys.set_defaults(func=_keys)
