@@ -1,7 +1,7 @@
 """``megatron-spo convert``: HF directory <-> Megatron dist checkpoint, runnable under torchrun.
 
-    torchrun --nproc_per_node=2 -m megatron_spo.convert.cli hf-to-mcore --hf DIR --out CKPT --tp 2
-    torchrun --nproc_per_node=1 -m megatron_spo.convert.cli mcore-to-hf --ckpt CKPT --out HF_DIR
+    torchrun --nproc_per_node=2 -m megatron_spo.commands.convert hf-to-mcore --hf DIR --out CKPT --tp 2
+    torchrun --nproc_per_node=1 -m megatron_spo.commands.convert mcore-to-hf --ckpt CKPT --out HF_DIR
 
 (or ``megatron-spo convert ...``). Without torchrun a single
 process is used. ``hf-to-mcore`` writes a trainer-checkpoint root (``CKPT/step_00000000`` with the
@@ -124,10 +124,10 @@ def mcore_to_hf(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_spo.convert.cli")
+    parser = argparse.ArgumentParser(prog="python -m megatron_spo.commands.convert")
     sub = parser.add_subparsers(dest="command")
     conv = register(sub)
-    # `python -m megatron_spo.convert.cli hf-to-mcore ...` == `megatron-spo convert hf-to-mcore ...`
+    # `python -m megatron_spo.commands.convert hf-to-mcore ...` == `megatron-spo convert hf-to-mcore ...`
     args = conv.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,4 +1,4 @@
-"""``megatron-spo estimate-values``: the offline value file that initialises SPO's tracker (spec §1.3).
+"""``megatron-spo estimate-values``: the offline value file that initialises SPO's tracker (docs/algorithms.md §1.3).
 
 The dataset is split into ``--subsets`` contiguous subsets. For each subset, ``n`` responses per
 prompt are sampled with the initial policy through the same rollout phase (agent loop and reward)
@@ -7,7 +7,7 @@ by default (n = ``algo.spo.offline_n`` = 8; ``rollout.eval_temperature/eval_top_
 0.95 / 20). The subset's ``{prompt_key: [scores]}`` is written atomically to ``subset_{i}.json``.
 Subsets whose file exists are skipped, so an interrupted run continues at the next unfinished
 subset. Finally all subsets are merged into ``offline_values.json``, keeping at most ``n`` scores
-per prompt (random subsample, seeded: :func:`~megatron_spo.run.offline_values.merge_scores`).
+per prompt (random subsample, seeded: :func:`~megatron_spo.trainer.offline_values.merge_scores`).
 
 A ``manifest.json`` records the dataset, its prompt keys (hash), ``n`` and the subset count; a
 resumed run with different ones stops with an error naming what changed, instead of mixing files.
@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from megatron_spo.config import ConfigError, load_config
-from megatron_spo.config_cli import add_config_arguments
+from megatron_spo.config.cli import add_config_arguments
 from megatron_spo.data import DataError, PromptRecord, load_prompts
-from megatron_spo.rollout.engine import EngineError
-from megatron_spo.run.engines import (
+from megatron_spo.rollout.build import (
     add_sampling_arguments, build_engine, close_engine, context_len, load_tokenizer, sampling_from_args,
 )
-from megatron_spo.run.offline_values import Scores, load_scores, merge_scores, save_scores
-from megatron_spo.run.rollout_phase import RolloutPhase
+from megatron_spo.rollout.engine import EngineError
+from megatron_spo.rollout.phase import RolloutPhase
+from megatron_spo.trainer.offline_values import Scores, load_scores, merge_scores, save_scores
 
 log = logging.getLogger(__name__)
 

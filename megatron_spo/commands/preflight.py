@@ -140,7 +140,7 @@ def _main(args) -> int:
 
 
 def register(subparsers) -> None:
-    from megatron_spo.config_cli import add_config_arguments
+    from megatron_spo.config.cli import add_config_arguments
 
     parser = subparsers.add_parser(
         "preflight", help="check imports, ranks, parallel layout and server reachability before a run")

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_spo.convert import cli
+from megatron_spo.commands import convert
 from megatron_spo.convert.hf_io import SafetensorsDirSource
 from megatron_spo.models.tiny import make_tiny_model_dir
 
 
 def _torchrun(nproc: int, args: list, log: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megatron_spo.convert.cli", *args]
+           "-m", "megatron_spo.commands.convert", *args]
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=fh, stderr=subprocess.STDOUT,
                             timeout=600).returncode
@@ -70,10 +70,10 @@ def test_mcore_to_hf_is_bit_identical_and_loads_in_transformers(roundtrip):
 
 def test_register_adds_both_directions():
     parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
+    convert.register(parser.add_subparsers(dest="command"))
     a = parser.parse_args(["convert", "hf-to-mcore", "--hf", "x", "--out", "y", "--tp", "2", "--pp", "2"])
-    assert a.func is cli.hf_to_mcore and (a.tp, a.pp, a.ep) == (2, 2, 1)
+    assert a.func is convert.hf_to_mcore and (a.tp, a.pp, a.ep) == (2, 2, 1)
     b = parser.parse_args(["convert", "mcore-to-hf", "--ckpt", "c", "--out", "o", "--dtype", "bf16"])
-    assert b.func is cli.mcore_to_hf and b.dtype == "bf16"
+    assert b.func is convert.mcore_to_hf and b.dtype == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args(["convert", "sideways"])

@@ -8,13 +8,13 @@ from typing import List
 
 import pytest
 
+from megatron_spo.commands import estimate_values as ev
 from megatron_spo.config import RolloutConfig
 from megatron_spo.data import load_prompts
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
+from megatron_spo.rollout.phase import RolloutPhase
 from megatron_spo.rollout.reward_registry import REWARD_FNS, register_reward
-from megatron_spo.run import estimate_values as ev
-from megatron_spo.run.rollout_phase import RolloutPhase
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,15 @@ from typing import Dict, List
 
 import pytest
 
+from megatron_spo.commands import evaluate
 from megatron_spo.config import load_config
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
+from megatron_spo.rollout.embedded.server import ServerThread
 from megatron_spo.rollout.engine import GenerateResult, SamplingParams
-from megatron_spo.rollout.http_server import ServerThread
+from megatron_spo.rollout.phase import with_sampling
 from megatron_spo.rollout.reward_registry import REWARD_FNS, register_reward
-from megatron_spo.run import evaluate
-from megatron_spo.run.eval_metrics import summarize
-from megatron_spo.run.rollout_phase import with_sampling
+from megatron_spo.trainer.eval_metrics import summarize
 
 
 def _boxed_equals(response: str, ground_truth) -> float:

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from megatron_spo.cli import main
+from megatron_spo.commands.preflight import check_devices, check_health, check_launch_env
 from megatron_spo.config import load_config
-from megatron_spo.run.preflight import check_devices, check_health, check_launch_env
 
 
 class _Health(BaseHTTPRequestHandler):
