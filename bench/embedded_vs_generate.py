@@ -1,6 +1,6 @@
 """P6: embedded engine tokens/s vs transformers ``generate`` on the same tiny model, side by side.
 
-Model: random Qwen3 as in spec/engine_contracts.md §3 (2 layers, hidden 256, 4/2 heads of dim 64,
+Model: random Qwen3 as in docs/engine_contracts.md §3 (2 layers, hidden 256, 4/2 heads of dim 64,
 FFN 768, fp32), tokenizer vocab ~512. Workload: 32 left-padded prompts of 16-48 tokens, 128 sampled
 tokens each (eos ignored), temperature 1. Both sides run in this process, alternating, best of
 ``--repeats``. ``generate`` is timed twice: plain (no log-probs: an upper bound on its speed), and
@@ -30,7 +30,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from megatron_spo.models.tiny import make_tiny_model_dir
-    from megatron_spo.rollout.embedded import EmbeddedEngine
+    from megatron_spo.rollout.embedded.engine import EmbeddedEngine
     from megatron_spo.rollout.engine import SamplingParams
 
     tmp = tempfile.mkdtemp(prefix="p6_")

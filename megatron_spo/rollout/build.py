@@ -1,6 +1,6 @@
 """Build the rollout engine a config asks for: the embedded CPU engine, or a fleet of servers.
 
-- ``rollout.engine=embedded``: an :class:`~megatron_spo.rollout.embedded.EmbeddedEngine` over
+- ``rollout.engine=embedded``: an :class:`~megatron_spo.rollout.embedded.engine.EmbeddedEngine` over
   ``model.path`` (context window: the smaller of the model's positions and ``model.max_seq_len``).
 - ``rollout.engine=sglang|vllm`` with ``rollout.urls``: a :class:`~megatron_spo.rollout.fleet.Fleet`
   of HTTP clients (least-loaded routing, retries on another endpoint, health checks). Every URL
@@ -28,12 +28,13 @@ def build_engine(cfg: Config, *, check_health: bool = True) -> Engine:
     r = cfg.rollout
     if r.engine == "embedded":
         path = _model_dir(cfg)
-        from megatron_spo.rollout.embedded import EmbeddedEngine
+        from megatron_spo.rollout.embedded.engine import EmbeddedEngine
 
         engine = EmbeddedEngine(str(path), seed=cfg.train.seed)
         engine.max_context = min(engine.max_context, cfg.model.max_seq_len)
         return engine
-    from megatron_spo.rollout.fleet import Fleet, make_client
+    from megatron_spo.rollout.fleet import Fleet
+    from megatron_spo.rollout.launchers import make_client
 
     client_kwargs = {"timeout_s": r.request_timeout_s}
     if r.ray_servers:
@@ -51,6 +52,25 @@ def build_engine(cfg: Config, *, check_health: bool = True) -> Engine:
             raise EngineError(f"rollout server(s) not reachable (GET /health failed): {', '.join(dead)}; start them "
                               f"(e.g. slurm/rollout.sbatch) or fix rollout.urls")
     return Fleet(clients)
+
+
+def fleet_from_config(rollout, model_dir: str, **kwargs):
+    """The fleet a run's ``RolloutConfig`` asks for (``engine``, ``urls``, ``ray_servers``,
+    ``request_timeout_s``): the embedded engine in process, the user's URLs, or Ray-placed servers.
+
+    ``model_dir`` is the HF directory the embedded engine / Ray servers load.
+    """
+    from megatron_spo.rollout.fleet import Fleet
+
+    client_kwargs = {"timeout_s": float(rollout.request_timeout_s)}
+    if rollout.engine == "embedded":
+        from megatron_spo.rollout.embedded.engine import EmbeddedEngine
+
+        return Fleet([EmbeddedEngine(model_dir)], health_interval_s=0, **kwargs)
+    if rollout.ray_servers > 0:
+        # Ray-placed servers run the embedded engine's HTTP server, which speaks both protocols.
+        return Fleet.ray(model_dir, rollout.ray_servers, kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
+    return Fleet.from_urls(list(rollout.urls), kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
 
 
 def load_tokenizer(cfg: Config, engine: Optional[Engine] = None):
@@ -126,9 +146,9 @@ def add_sampling_arguments(parser) -> None:
 
 
 def sampling_from_args(cfg: Config, args) -> RolloutConfig:
-    """``cfg.rollout`` with the validation sampling of the SPO recipe (spec §1.3, §1.10: T=0.6,
+    """``cfg.rollout`` with the validation sampling of the SPO recipe (docs/algorithms.md §1.3, §1.10: T=0.6,
     top_p=0.95, top_k=20, from ``rollout.eval_*``), each overridable by its command-line flag."""
-    from megatron_spo.run.rollout_phase import with_sampling
+    from megatron_spo.rollout.phase import with_sampling
 
     r = cfg.rollout
 

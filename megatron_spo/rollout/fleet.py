@@ -1,7 +1,7 @@
 """The fleet: what the trainer sees — one :class:`Engine` over a set of endpoints.
 
 Endpoints are the embedded engine, HTTP clients for URLs a user passes, or servers a launcher
-starts and supervises (:class:`LocalServers` here: subprocesses on this host; ``ray_fleet.RayServers``:
+starts and supervises (``launchers.LocalServers``: subprocesses on this host; ``ray_fleet.RayServers``:
 a Ray actor per server). The fleet
 
 * routes each request to the healthy, up-to-date endpoint with the fewest requests in flight;
@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megatron_spo.rollout.engine import EngineError, GenerateResult, RequestError, SamplingParams, WeightSource
+from megatron_spo.rollout.launchers import LocalServers, make_client
 
 
 @dataclass
@@ -260,101 +259,3 @@ class Fleet:
             if self._last_path is not None:
                 ep.engine.update_weights(self._last_path, self._version)
                 ep.version = self._version
-
-
-def fleet_from_config(rollout, model_dir: str, **kwargs) -> "Fleet":
-    """The fleet a run's ``RolloutConfig`` asks for (``engine``, ``urls``, ``ray_servers``,
-    ``request_timeout_s``): the embedded engine in process, the user's URLs, or Ray-placed servers.
-
-    ``model_dir`` is the HF directory the embedded engine / Ray servers load.
-    """
-    client_kwargs = {"timeout_s": float(rollout.request_timeout_s)}
-    if rollout.engine == "embedded":
-        from megatron_spo.rollout.embedded import EmbeddedEngine
-
-        return Fleet([EmbeddedEngine(model_dir)], health_interval_s=0, **kwargs)
-    if rollout.ray_servers > 0:
-        # Ray-placed servers run the embedded engine's HTTP server, which speaks both protocols.
-        return Fleet.ray(model_dir, rollout.ray_servers, kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
-    return Fleet.from_urls(list(rollout.urls), kind=rollout.engine, client_kwargs=client_kwargs, **kwargs)
-
-
-def make_client(kind: str, url: str, **kwargs):
-    """An HTTP engine client of ``kind`` ("sglang" or "vllm") for ``url``."""
-    if kind == "sglang":
-        from megatron_spo.rollout.sglang_client import SGLangClient
-
-        return SGLangClient(url, **kwargs)
-    if kind == "vllm":
-        from megatron_spo.rollout.vllm_client import VLLMClient
-
-        return VLLMClient(url, **kwargs)
-    raise ValueError(f"engine kind must be 'sglang' or 'vllm', got {kind!r}")
-
-
-def launch_server(model_dir: str, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0,
-                  startup_timeout_s: float = 180.0, extra_env: Optional[Dict[str, str]] = None):
-    """Start ``python -m megatron_spo.rollout.http_server`` and wait for its LISTENING line.
-
-    Returns ``(Popen, url)``. Raises :class:`EngineError` if it exits or stays silent too long.
-    """
-    env = dict(os.environ, **(extra_env or {}))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_spo.rollout.http_server", "--model", model_dir,
-                             "--host", host, "--port", str(port), "--seed", str(seed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    box: Dict[str, str] = {}
-    reader = threading.Thread(target=lambda: box.setdefault("line", proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(startup_timeout_s)
-    line = box.get("line", "").strip()
-    if not line.startswith("LISTENING "):
-        proc.kill()
-        proc.wait(timeout=30)
-        raise EngineError(f"server for {model_dir} did not start within {startup_timeout_s} s "
-                          f"(exit code {proc.returncode}, first line {line!r})")
-    return proc, line.split()[1]
-
-
-class LocalServers:
-    """Supervisor of ``n`` embedded-engine HTTP servers running as subprocesses of this host."""
-
-    def __init__(self, model_dir: str, n: int, *, kind: str = "sglang", client_kwargs: Optional[dict] = None,
-                 client_factory: Optional[Callable[[str], object]] = None):
-        self.model_dir, self.n, self.kind = str(model_dir), int(n), kind
-        self.client_kwargs = client_kwargs or {}
-        self.client_factory = client_factory or (lambda url: make_client(self.kind, url, **self.client_kwargs))
-        self.procs: List[Optional[subprocess.Popen]] = [None] * self.n
-
-    def start(self) -> List[object]:
-        return [self.restart(i) for i in range(self.n)]
-
-    def alive(self, i: int) -> bool:
-        p = self.procs[i]
-        return p is not None and p.poll() is None
-
-    def restart(self, i: int):
-        self._kill(i)
-        self.procs[i], url = launch_server(self.model_dir, seed=i)
-        return self.client_factory(url)
-
-    def kill(self, i: int) -> None:
-        """Hard-kill server ``i`` (SIGKILL), as a crash would (tests)."""
-        p = self.procs[i]
-        if p is not None:
-            p.kill()
-            p.wait(timeout=30)
-
-    def _kill(self, i: int) -> None:
-        p = self.procs[i]
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-
-    def stop(self) -> None:
-        for i in range(self.n):
-            self._kill(i)

@@ -1,7 +1,7 @@
 """Rollout servers placed and supervised by Ray: one Ray actor per server (``ray`` extra).
 
-Each actor owns one ``python -m megatron_spo.rollout.http_server`` process on the node Ray placed
-it on and reports whether it is alive. :class:`RayServers` has the launcher interface
+Each actor owns one ``python -m megatron_spo.rollout.embedded.server`` process on the node Ray
+placed it on and reports whether it is alive. :class:`RayServers` has the launcher interface
 :class:`megatron_spo.rollout.fleet.Fleet` supervises (``start``, ``alive``, ``restart``, ``stop``):
 a server process that died is restarted inside its actor; an actor that died (node lost) is
 replaced by a new one, which Ray may place on another node.
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from megatron_spo.optional import require
+from megatron_spo.rollout.launchers import launch_server, make_client
 
 
 class ServerActor:
@@ -31,8 +32,6 @@ class ServerActor:
         self.url: Optional[str] = None
 
     def start(self) -> str:
-        from megatron_spo.rollout.fleet import launch_server
-
         self.stop()
         self.proc, self.url = launch_server(self.model_dir, host=self.host, seed=self.seed, extra_env=self.env)
         return self.url
@@ -100,8 +99,6 @@ class RayServers:
             return False
 
     def restart(self, i: int):
-        from megatron_spo.rollout.fleet import make_client
-
         url = None
         if self.actors[i] is not None:
             try:

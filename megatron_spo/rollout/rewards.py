@@ -10,7 +10,7 @@ ground truth, and return a float. They are registered by name in ``reward_regist
   (verl's -1 mapped to 0).
 - :func:`math_verify_score` checks the answer with ``math_verify.parse`` / ``math_verify.verify``
   (symbolic equivalence: ``0.5 == \\frac{1}{2}``, ``x^2+1 == 1+x^2``, ...).
-- :func:`dapo_overlong_penalty` is the DAPO length shaping of spec §4, an optional additive term.
+- :func:`dapo_overlong_penalty` is the DAPO length shaping of docs/algorithms.md §4, an optional additive term.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def last_boxed(text: str) -> Optional[str]:
 
 
 def spo_strict_boxed(response: str, ground_truth: Any) -> float:
-    """SPO reward (spec §1.12): 1.0 on a strict boxed match, else 0.0."""
+    """SPO reward (docs/algorithms.md §1.12): 1.0 on a strict boxed match, else 0.0."""
     if response.count("</think>") != 1:
         return 0.0
     after = response.split("</think>", 1)[1]

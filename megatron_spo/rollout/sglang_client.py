@@ -9,7 +9,7 @@ Weight updates:
 * a path (str): ``/update_weights_from_disk`` — works everywhere (trainer and server share a
   filesystem);
 * buckets with ``weight_transfer="tensor"`` (default): ``/update_weights_from_tensor`` with the
-  CPU-safe envelope of :func:`megatron_spo.rollout.http_server.encode_bucket` (base64 safetensors,
+  CPU-safe envelope of :func:`megatron_spo.rollout.weight_formats.encode_bucket` (base64 safetensors,
   ``load_format="safetensors_b64"``). Only our embedded server accepts it; real SGLang expects
   CUDA-IPC ``MultiprocessingSerializer`` payloads, which only make sense colocated on one GPU;
 * buckets with ``weight_transfer="distributed"`` (GPU): after :meth:`init_weights_update_group`,
@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_spo.rollout.engine import FINISH_REASONS, GenerateResult, SamplingParams, WeightSource
 from megatron_spo.rollout.http_base import HttpEngineClient
+from megatron_spo.rollout.weight_formats import encode_bucket
 
 
 def sglang_sampling(s: SamplingParams) -> Dict[str, Any]:
@@ -117,8 +118,6 @@ class SGLangClient(HttpEngineClient):
         elif self.weight_transfer == "distributed":
             self._update_distributed(source, version)
         else:
-            from megatron_spo.rollout.http_server import encode_bucket
-
             buckets = [list(b) for b in source]
             for i, bucket in enumerate(buckets):
                 last = i == len(buckets) - 1

@@ -28,7 +28,7 @@ class WorkerExtension:
 
         Returns the new weight version string (``version``, or the previous one + 1).
         """
-        from megatron_spo.rollout.embedded import load_hf_state
+        from megatron_spo.rollout.weight_formats import load_hf_state
 
         state = load_hf_state(path)
         runner = self.model_runner  # type: ignore[attr-defined]  (provided by the vLLM worker)

@@ -1,4 +1,4 @@
-"""SPO <code> agent loop: exact tokens, masks, log-probs, limits, bad input, aborts (spec §1.11)."""
+"""SPO <code> agent loop: exact tokens, masks, log-probs, limits, bad input, aborts (docs/algorithms.md §1.11)."""
 
 from __future__ import annotations
 

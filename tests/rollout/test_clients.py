@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine, load_hf_state
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
+from megatron_spo.rollout.embedded.server import ServerThread
 from megatron_spo.rollout.engine import Engine, EngineError, RequestError, SamplingParams
-from megatron_spo.rollout.http_server import ServerThread
 from megatron_spo.rollout.sglang_client import SGLangClient
 from megatron_spo.rollout.vllm_client import VLLMClient
+from megatron_spo.rollout.weight_formats import load_hf_state
 
 CLIENTS = {"sglang": SGLangClient, "vllm": VLLMClient}
 

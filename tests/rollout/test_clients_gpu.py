@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import load_hf_state
 from megatron_spo.rollout.engine import SamplingParams
+from megatron_spo.rollout.weight_formats import load_hf_state
 
 pytestmark = pytest.mark.gpu
 

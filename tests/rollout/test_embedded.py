@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine, load_hf_state
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
 from megatron_spo.rollout.engine import Engine, RequestError, SamplingParams
 from megatron_spo.rollout.sampling import truncate
+from megatron_spo.rollout.weight_formats import load_hf_state
 
 
 @pytest.fixture(scope="module")

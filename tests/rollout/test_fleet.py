@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
 from megatron_spo.rollout.engine import EngineError, GenerateResult, RequestError, SamplingParams
 from megatron_spo.rollout.fleet import Fleet
 
@@ -178,7 +178,7 @@ def test_killing_one_of_two_servers_mid_rollout_delivers_every_sample_exactly_on
 
 def test_fleet_from_config_picks_the_endpoints(tmp_path):
     from megatron_spo.config import RolloutConfig
-    from megatron_spo.rollout.fleet import fleet_from_config
+    from megatron_spo.rollout.build import fleet_from_config
     from megatron_spo.rollout.sglang_client import SGLangClient
     from megatron_spo.rollout.vllm_client import VLLMClient
 

