@@ -1,7 +1,7 @@
 """The GPU recipes in examples/ and the Slurm scripts in slurm/, tested without GPUs or a cluster.
 
 * Every example YAML loads and validates with the rollout-URL override built by slurm/common.sh,
-  and its numbers are the spec's (spec/algorithms.md §1.10, README batch 768x1 / 96x8).
+  and its numbers are the paper's (docs/algorithms.md §1.10, README batch 768x1 / 96x8).
 * The Qwen3-30B-A3B memory figures quoted in the YAML are recomputed here from the architecture.
 * Every script passes `bash -n` and shellcheck (warning level).
 * A fake Slurm: `srun`, `scontrol`, `torchrun`, `megatron-spo`, `curl`, `hostname` and the rollout
@@ -54,7 +54,7 @@ def test_recipe_loads_with_the_sbatch_url_override(name):
 
 
 def _assert_shared_paper_numbers(cfg):
-    """Spec §1.10 knobs common to the SPO and GRPO recipes of the paper."""
+    """docs/algorithms.md §1.10 knobs common to the SPO and GRPO recipes of the paper."""
     assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 0 and cfg.optim.clip_grad == 1.0
     assert cfg.optim.lr_schedule == "constant"
     loss = cfg.algo.loss

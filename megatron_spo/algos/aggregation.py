@@ -17,7 +17,7 @@ mode                           loss_sum                                    norma
 ``seq-mean-token-sum-norm``    Σ_i Σ_t m·L / max_len   (Dr. GRPO)          #rows with ≥ 1 valid token
 =============================  ==========================================  ===========================
 
-Choices and deviations (spec §1.6, §4):
+Choices and deviations (docs/algorithms.md §1.6, §4):
 - verl's seq modes average over **all** B rows. Here rows without any valid token are left out of
   both the sum and the count, so padding rows added to fill a micro-batch never change the loss.
   For real data (every response has ≥ 1 model token) the two agree.

@@ -1,17 +1,17 @@
-"""Group-baseline advantages: GRPO, Dr.GRPO and RLOO (spec §4), and the degenerate-group statistic.
+"""Group-baseline advantages: GRPO, Dr.GRPO and RLOO (docs/algorithms.md §4), and the degenerate-group statistic.
 
 Deviations and choices (read these before comparing numbers with another framework):
 
-1. **Singleton groups in GRPO / Dr.GRPO** follow verl's ``compute_grpo_outcome_advantage``, as spec §4
-   states: a group of size 1 gets mean 0 and std 1, so its advantage is ``r / (1 + eps)`` (GRPO) or
+1. **Singleton groups in GRPO / Dr.GRPO** follow verl's ``compute_grpo_outcome_advantage``
+   (docs/algorithms.md §4): a group of size 1 gets mean 0 and std 1, so its advantage is ``r / (1 + eps)`` (GRPO) or
    ``r`` (Dr.GRPO), *not* 0. This is reproduced on purpose (it keeps parity with verl runs); a caller
    that wants singletons silenced can zero them with :func:`group_sizes`.
 2. **RLOO singletons** have no leave-one-out baseline. The default (``singleton="error"``) raises a
    ``ValueError`` naming the group id and row; ``singleton="zero"`` gives them advantage 0. verl keeps the
    raw reward there; we refuse by default because a raw reward is not an advantage.
-3. **Std**: unbiased (Bessel) as ``torch.std`` and spec §4; ``eps`` (default 1e-6) is added to the std,
-   not the variance. ``unbiased=False`` gives the population std of the treetune GRPO baseline (§2.3,
-   which also used eps 1e-8).
+3. **Std**: unbiased (Bessel) as ``torch.std`` and docs/algorithms.md §4; ``eps`` (default 1e-6) is
+   added to the std, not the variance. ``unbiased=False`` gives the population std of the treetune
+   GRPO baseline (docs/algorithms.md §2.3, which also used eps 1e-8).
 4. Group statistics are computed in float64 with ``index_add_`` over the group index (no Python loop over
    groups); the two-pass form Σ(r − mean)² avoids the cancellation of Σr² − n·mean².
 5. Groups are formed by *equal* ids; ids need not be contiguous, sorted or non-negative.
@@ -169,7 +169,7 @@ def grpo_advantages(
         response_mask: ``[B, T]`` bool or 0/1; tokens that receive the advantage.
         norm_by_std: divide by the group std (False gives Dr.GRPO).
         eps: added to the std.
-        unbiased: Bessel-corrected group std (torch default, spec §4).
+        unbiased: Bessel-corrected group std (torch default, docs/algorithms.md §4).
 
     Returns:
         ``[B, T]`` token advantages, 0 outside the mask.

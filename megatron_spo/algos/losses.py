@@ -14,7 +14,7 @@ micro-batch; callers divide by the normaliser summed over the whole step (see ``
 Keyword names match the config (``algo.loss``): ``clip_low``, ``clip_high``, ``dual_clip``,
 ``tis_cap``; for GSPO ``clip_low``/``clip_high`` take ``gspo_clip_low``/``gspo_clip_high``.
 
-Choices and deviations (spec §1.6, §4):
+Choices and deviations (docs/algorithms.md §1.6, §4):
 - PPO is verl's "vanilla" loss: ratio = exp(clamp(logp − old, −20, 20)),
   L = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high)), and for A < 0 additionally min(L, −A·c).
   Defaults ε_low = 0.2, ε_high = 0.28, c = 10 (SPO's train.sh). ``dual_clip=None`` disables it.

@@ -1,8 +1,8 @@
-"""SegPO SPO-chain (spec §2.1): probability-guided cut points, segment advantages, probability mask.
+"""SegPO SPO-chain (docs/algorithms.md §2.1): probability-guided cut points, segment advantages, probability mask.
 
 Deviations and choices:
 
-1. **First-segment quirk (spec §6 item 6): reproduced by default, fix available.** With the reference
+1. **First-segment quirk (docs/algorithms.md §6 item 6): reproduced by default, fix available.** With the reference
    rules the first valued position gets advantage 0 unless a base value V(prompt) exists, and a base
    exists only when the very first response token is low-probability (cut at −1). So the first segment
    usually trains with advantage 0. :func:`chain_cutpoints` reproduces this by default;
@@ -119,7 +119,7 @@ def chain_cutpoints(
     *,
     include_prompt_cut: bool = False,
 ) -> torch.Tensor:
-    """Cut positions of one trajectory (§2.1(a)).
+    """Cut positions of one trajectory (docs/algorithms.md §2.1(a)).
 
     Candidates are the tokens t with ``p_t < threshold`` (and mask 1); each gives the cut c = t − 1 (the
     state just before t; −1 is the prompt). Every ``interval``-th candidate is kept, starting with the
@@ -178,7 +178,7 @@ def chain_segment_advantages(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-token advantages of one chain from its cut values (§2.1(c)).
+    """Per-token advantages of one chain from its cut values (docs/algorithms.md §2.1(c)).
 
     Valued positions are the cuts c_1 < … < c_m (value V_k) and the last token T−1 (value R, the
     trajectory's reward). The advantage of a valued position is its value minus the previous valued
@@ -254,8 +254,8 @@ def chain_advantages_batch(
     """Token advantages ``[B, T]`` for a batch of chains.
 
     Row i's response length is its last valid token + 1; positions index that row. Entries where the
-    mask is 0 are 0. With ``old_probs`` (``[B, T]`` probabilities) the §2.1(c) probability mask is also
-    applied: tokens with ``p ≥ threshold`` get 0.
+    mask is 0 are 0. With ``old_probs`` (``[B, T]`` probabilities) the probability mask of
+    docs/algorithms.md §2.1(c) is also applied: tokens with ``p ≥ threshold`` get 0.
 
     Args:
         response_mask: ``[B, T]`` bool or 0/1.
@@ -314,7 +314,7 @@ def whiten_segment_advantages(
     eps: float = 1e-8,
     reduce_fn: ReduceFn = None,
 ) -> torch.Tensor:
-    """Global whitening of SegPO token advantages with the probability mask (§2.1(d), §2.2(c)).
+    """Global whitening of SegPO token advantages with the probability mask (docs/algorithms.md §2.1(d), §2.2(c)).
 
     Statistics (unbiased, across ranks through ``reduce_fn``) are taken over response tokens with
     ``old_probs < threshold``; if no rank has one, over all response tokens. Returns ``[B, T]`` with 0
@@ -363,7 +363,7 @@ def build_prefix_queries(
     response_ids: Sequence[Sequence[int]],
     cut_positions: Sequence[IntSeq],
 ) -> PrefixQueries:
-    """Build the de-duplicated prefix queries a rollout layer must value (§2.1(b)).
+    """Build the de-duplicated prefix queries a rollout layer must value (docs/algorithms.md §2.1(b)).
 
     Args:
         prompt_ids: B prompt token-id lists.

@@ -1,4 +1,6 @@
-"""SegPO SPO-tree (spec §2.2): tree values, edge advantages, zero-advantage filter, on-policy replay buffer.
+"""SegPO SPO-tree: tree values, edge advantages, zero-advantage filter, on-policy replay buffer.
+
+Formulas and constants: docs/algorithms.md §2.2.
 
 Tree construction needs a rollout engine and lives with the rollout layer; this module holds the pure
 pieces it feeds: a small tree structure, node values, edges with advantages, the edge filter and the
@@ -15,16 +17,16 @@ Deviations and choices:
    itself, so it is not a true leave-one-out baseline. Kept as in the reference; the name is theirs.
 3. ``"grpo"`` divides by (std of the parent's children + 1e-8): with std 0 this multiplies a zero
    difference, so siblings with identical values give 0, never NaN.
-4. **First-segment quirk (spec §6 item 6)** does not arise in the tree: the root's value is the mean of
-   its children, so the first segments get ``V(child) − V(root)``.
+4. **First-segment quirk (docs/algorithms.md §6 item 6)** does not arise in the tree: the root's value
+   is the mean of its children, so the first segments get ``V(child) − V(root)``.
 5. The filter keeps an edge iff ``A + (BoK(V_child) − BoK(V_parent)) != 0`` with BoK(v) = 1 − (1 − v)^4,
    evaluated exactly as written (float comparison with 0). BoK is increasing, so this drops exactly the
    edges whose child and parent values are equal.
 6. **Replay buffer age**: an edge added at iteration j is dropped at iteration i when i − j ≥ max_age
-   (8), so the oldest data used is max_age − 1 = 7 iterations stale, as the spec states. Sampling picks
-   ``min(n, 32)`` edges per question uniformly without replacement with the buffer's own seeded
-   ``torch.Generator`` (saved in ``state_dict``) and removes them. Questions are visited in first-seen
-   order so a restored buffer reproduces the next draw exactly.
+   (8), so the oldest data used is max_age − 1 = 7 iterations stale, as in the reference
+   (docs/algorithms.md §2.2(d)). Sampling picks ``min(n, 32)`` edges per question uniformly without
+   replacement with the buffer's own seeded ``torch.Generator`` (saved in ``state_dict``) and removes
+   them. Questions are visited in first-seen order so a restored buffer reproduces the next draw exactly.
 7. Leaves must carry a finite reward (a node that hit the depth limit unfinished is a leaf graded by the
    caller, e.g. with the unfinished penalty 0). Rewards stored on internal nodes are ignored.
 """
@@ -115,7 +117,7 @@ class NodeValues:
 
 
 def node_values(tree: SegmentTree) -> NodeValues:
-    """V(leaf) = its reward; V(node) = mean of its immediate children's V (§2.2(b))."""
+    """V(leaf) = its reward; V(node) = mean of its immediate children's V (docs/algorithms.md §2.2(b))."""
     n = len(tree.nodes)
     value = torch.zeros(n, dtype=torch.float64)
     std = torch.zeros(n, dtype=torch.float64)
@@ -169,7 +171,7 @@ class Edge:
 def edge_advantages(
     tree: SegmentTree, method: str = "rloo", *, values: Optional[NodeValues] = None, eps: float = 1e-8
 ) -> List[Edge]:
-    """Every edge of the tree with its advantage (§2.2(c)), in child-index order.
+    """Every edge of the tree with its advantage (docs/algorithms.md §2.2(c)), in child-index order.
 
     ``method="rloo"``: ``A = V(child) − V(parent)``. ``method="grpo"``: ``A = (V(child) − V(parent)) /
     (std of the parent's children's V + eps)``.

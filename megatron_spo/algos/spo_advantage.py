@@ -1,4 +1,4 @@
-"""SPO advantages: r − v̂ with the tracker's baseline, normalised over the whole batch (spec §1.5).
+"""SPO advantages: r − v̂ with the tracker's baseline, normalised over the whole batch (docs/algorithms.md §1.5).
 
 Deviations from the reference (verl-recipe ``spo/spo_ray_trainer.py``, block after the reward) and choices:
 
@@ -16,7 +16,7 @@ Deviations from the reference (verl-recipe ``spo/spo_ray_trainer.py``, block aft
 
 **Order of calls (the caller's job):** ``baseline`` must be the tracker's v̂ read **before** this step's
 tracker update (``ValueTracker.values(keys)`` right after the rewards are known); the update that uses the
-post-update ρ comes at the end of the step (spec §1.9, steps 4 and 8).
+post-update ρ comes at the end of the step (docs/algorithms.md §1.9, steps 4 and 8).
 """
 
 from __future__ import annotations

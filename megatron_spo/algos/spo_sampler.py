@@ -1,10 +1,10 @@
-"""Prompt samplers: SPO's prioritized sampler (spec §1.4) and a uniform sampler with the same interface.
+"""Prompt samplers: SPO's prioritized sampler (docs/algorithms.md §1.4) and a uniform sampler with the same interface.
 
 Deviations from the reference (verl-recipe ``spo/spo_ray_trainer.py``, top of the ``fit()`` loop) and
 choices:
 
 1. **Thompson draw (off by default, a labelled deviation).** The reference's README says "Thompson
-   sampling" but its weights use the posterior mean v̂ (spec §6 item 2). ``thompson=True`` instead draws
+   sampling" but its weights use the posterior mean v̂ (docs/algorithms.md §6 item 2). ``thompson=True`` instead draws
    v ~ Beta(α, β) per tracked candidate (two Gamma draws from the sampler's own generator) and uses
    w = √(v(1 − v)) + ε. The default reproduces the reference.
 2. **Batch larger than the pool** → draws *with* replacement (as the reference does); otherwise always

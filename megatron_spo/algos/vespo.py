@@ -1,4 +1,4 @@
-"""VESPO policy loss: a gamma-shaped soft trust region on the sequence importance weight (spec §3.1).
+"""VESPO policy loss: a gamma-shaped soft trust region on the sequence importance weight (docs/algorithms.md §3.1).
 
 Registered as ``vespo``. Per sequence i (all tensors ``[B, T]`` over response tokens, m = mask):
 

@@ -3,7 +3,7 @@
 Why our own mapping: megatron-bridge cannot be imported without Transformer Engine (a hard
 ``import transformer_engine.pytorch``), and mbridge needs transformers < 5, three monkeypatches for
 the local spec, and has no per-expert mapping for Qwen3-MoE's SequentialMLP
-(``local_experts.{j}.linear_fc1``); see notes/megatron_on_cpu.md §9. So the mapping is written once,
+(``local_experts.{j}.linear_fc1``); see docs/megatron_on_cpu.md §9. So the mapping is written once,
 here: small, table-driven, pure torch and strings, and checked against transformers' forward.
 
 Vocabulary of this module:

@@ -3,7 +3,7 @@
 megatron-core hard-codes ``torch.cuda`` calls in places that have nothing CUDA-specific about the
 maths (buffer allocation, RNG bookkeeping, stream handles, a type assert). On a CPU-only torch these
 raise ``AssertionError: Torch not compiled with CUDA enabled``. Each shim below replaces exactly one
-such call site and says why (see ``/work/shared/notes/megatron_on_cpu.md`` for the measurements).
+such call site and says why (docs/megatron_on_cpu.md lists what was measured, shim by shim).
 
 Contract:
 * ``apply_cpu_shims()`` is the only public entry point. It does nothing when CUDA is available, and
@@ -14,7 +14,7 @@ Contract:
   megatron reaches those names from many modules; they are only ever installed in a process that
   has no CUDA, where the patched calls would otherwise always fail.
 
-Checked against megatron-core 0.16.1 (and, per the notes, the same call sites exist in 0.19.x).
+Checked against megatron-core 0.16.1; the same call sites exist in 0.19.x (docs/megatron_on_cpu.md §0).
 """
 
 from __future__ import annotations

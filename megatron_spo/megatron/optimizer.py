@@ -11,7 +11,7 @@ and DP groups. On CPU megatron's scaling step asserts CUDA tensors; ``cpu.py`` r
 step (same formula), so clipping is on on both devices.
 
 Distributed optimizer: used when asked for and CUDA is present; on CPU it raises (megatron's
-distributed optimizer refuses CPU tensors, see notes/megatron_on_cpu.md). CPU offload of Adam and bf16
+distributed optimizer refuses CPU tensors, docs/megatron_on_cpu.md §7). CPU offload of Adam and bf16
 Adam moments run on top of it (megatron's precision-aware path), so they are GPU-only too.
 """
 

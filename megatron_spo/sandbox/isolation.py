@@ -1,6 +1,6 @@
 """Isolation for one sandboxed run: bubblewrap argv, per-slot uid, rlimits, cgroup v1 limits, tree kill.
 
-Layers (measured on this kind of machine in ``spec/engine_contracts.md`` §4):
+Layers (the measurements behind the choice are in docs/engine_contracts.md §4):
 
 * **bubblewrap** ``--unshare-all`` (user, pid, net, ipc, uts, cgroup namespaces): no network at all (the
   sandbox has only its own loopback), its own pid 1 so every process of the run dies with it, a mount

@@ -2,7 +2,7 @@
 
 `megatron-spo estimate-values` samples n responses per prompt with the initial policy, one subset of
 the dataset at a time (so an interrupted run resumes at the next subset), then merges the subsets
-keeping at most n scores per prompt, subsampled at random with a seeded generator (spec §1.3).
+keeping at most n scores per prompt, subsampled at random with a seeded generator (docs/algorithms.md §1.3).
 """
 
 from __future__ import annotations

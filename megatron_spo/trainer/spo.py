@@ -3,7 +3,7 @@
 Everything Single-stream Policy Optimization does in a training step is here (docs/algorithms.md §1):
 
 - **draw**: a candidate pool of ``algo.spo.pool_size`` prompts from the shuffled stream, then the
-  prioritized sampler's pick of ``train.prompts_per_step`` from it (§1.4); the tracker's v̂ of each
+  prioritized sampler's pick of ``train.prompts_per_step`` from it (docs/algorithms.md §1.4); the tracker's v̂ of each
   picked prompt is read now, before this step's update, and travels with the draw (§1.5).
 - **rollout**: one response per prompt, delivered one at a time (no groups).
 - **advantages**: ``spo_advantages(r, v̂)`` over the whole batch (global normalisation), the same

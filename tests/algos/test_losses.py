@@ -1,7 +1,7 @@
 """PPO-clip (clip-higher, dual-clip), GSPO and TIS weights (megatron_spo/algos/losses.py).
 
 Golden values come from hand computations or from the numpy references written here, which follow
-the spec's formulas (§1.6, §4) and share no code with the package.
+the formulas of docs/algorithms.md (§1.6, §4) and share no code with the package.
 """
 
 from __future__ import annotations

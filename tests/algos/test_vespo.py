@@ -1,4 +1,7 @@
-"""VESPO loss (megatron_spo/algos/vespo.py) against hand values and an independent numpy reference (spec §3.1)."""
+"""VESPO loss (megatron_spo/algos/vespo.py) against hand values and an independent numpy reference.
+
+Formulas: docs/algorithms.md §3.1.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """GPU-only actor features, written to pass on a machine with >= 2 CUDA devices (skipped on CPU).
 
 Sequence parallelism (and so MoE with TP > 1), the distributed optimizer and the Transformer Engine
-layer spec cannot run on CPU (notes/megatron_on_cpu.md). Each test compares a 2-GPU layout with the
+layer spec cannot run on CPU (docs/megatron_on_cpu.md §3, §7, §8). Each test compares a 2-GPU layout with the
 single-GPU run of the same HF weights, like ``test_actor_parallel.py`` does on CPU. fp32 params;
 tolerances are those of the CPU tests relaxed for TF32/cuBLAS reduction order.
 """
