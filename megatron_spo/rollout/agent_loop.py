@@ -1,4 +1,4 @@
-"""The SPO multi-turn ``<code>`` tool protocol (spec algorithms.md §1.11, engine_contracts.md §5).
+"""The SPO multi-turn ``<code>`` tool protocol (docs/algorithms.md §1.11, docs/engine_contracts.md §5).
 
 One trajectory, token-in/token-out:
 

@@ -2,12 +2,12 @@
 
 Agent loops talk to a :class:`CodeTool` (``async run(code) -> str``): the text the model sees,
 before truncation and ``<interpreter>`` wrapping. :class:`SandboxFusionTool` is the real one: it
-posts the SandboxFusion ``/run_code`` JSON (spec engine_contracts.md §4) through the sandbox
+posts the SandboxFusion ``/run_code`` JSON (docs/engine_contracts.md §4) through the sandbox
 package's :class:`~megatron_spo.sandbox.client.SandboxClient` and turns the answer into text the
 way the SPO recipe does (stdout + stderr when ``run_result.status == "Finished"``, else the literal
 ``"no stdout here"``). Unit tests use a fake tool.
 
-Formatting (spec algorithms.md §1.11). The text helpers are the sandbox package's, re-exported here
+Formatting (docs/algorithms.md §1.11). The text helpers are the sandbox package's, re-exported here
 so there is one implementation:
 - ``wrap_last_line_print``: the last non-empty line becomes ``print(<line>)`` unless it starts with ``print``.
 - ``truncate_middle``: cut to ``max_chars`` in the middle: first half + "...(truncated)..." + last half.

@@ -8,7 +8,7 @@ Everything Single-stream Policy Optimization does in a training step is here (do
 - **rollout**: one response per prompt, delivered one at a time (no groups).
 - **advantages**: ``spo_advantages(r, v̂)`` over the whole batch (global normalisation), the same
   value on every trained token of a response.
-- **after the update** (§1.7, §1.8): ρ with the updated policy — exact (re-score each prompt's stored
+- **after the update** (docs/algorithms.md §1.7, §1.8): ρ with the updated policy — exact (re-score each prompt's stored
   row from its previous visit) or accumulated (the drift ledger) — then α ← ρα + r, β ← ρβ + (1 − r)
   for the samples that finished without error.
 - **state**: the sampler and the tracker.
