@@ -153,13 +153,8 @@ def _group_normalised(
 
 @register_advantage("grpo")
 def grpo_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    norm_by_std: bool = True,
-    eps: float = 1e-6,
-    unbiased: bool = True,
+    rewards: torch.Tensor, group_ids: torch.Tensor, response_mask: torch.Tensor, *,
+    norm_by_std: bool = True, eps: float = 1e-6, unbiased: bool = True,
 ) -> torch.Tensor:
     """GRPO: ``A_i = (r_i − mean_g) / (std_g + eps)`` broadcast to the response tokens.
 

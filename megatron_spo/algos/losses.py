@@ -82,6 +82,28 @@ def check_tis_args(fn: str, tis_cap: Optional[float], tis_level: str, rollout_lo
         raise ValueError(f"{fn}: tis_cap={tis_cap} is set but rollout_logp is None; TIS needs the engine's log-probs")
 
 
+def check_policy_loss_args(
+    fn: str,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str,
+    max_len: Optional[int],
+    rollout_logp: Optional[torch.Tensor],
+    tis_cap: Optional[float],
+    tis_level: str,
+) -> LossInputs:
+    """The checks every registered loss runs on the common arguments, after its own parameter checks.
+
+    TIS arguments first, then the aggregation mode, then the ``[B, T]`` tensors; returns the
+    validated ``LossInputs`` (``fn`` names the loss in the error messages).
+    """
+    check_tis_args(fn, tis_cap, tis_level, rollout_logp)
+    check_agg_mode(agg, max_len)
+    return check_loss_inputs(fn, logp, old_logp, advantages, mask, rollout_logp)
+
+
 # ---------------------------------------------------------------------------------------------
 # TIS
 # ---------------------------------------------------------------------------------------------
@@ -192,19 +214,10 @@ def _clipped_surrogate(
 
 @register_loss("ppo")
 def ppo_clip_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    agg: str = "token-mean",
-    max_len: Optional[int] = None,
-    rollout_logp: Optional[torch.Tensor] = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: Optional[float] = 10.0,
-    tis_cap: Optional[float] = None,
-    tis_level: str = "token",
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    agg: str = "token-mean", max_len: Optional[int] = None, rollout_logp: Optional[torch.Tensor] = None,
+    clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: Optional[float] = 10.0,
+    tis_cap: Optional[float] = None, tis_level: str = "token",
 ) -> LossOutput:
     """PPO-clip with clip-higher and dual-clip (verl "vanilla"), per token, then ``aggregate``.
 
@@ -221,9 +234,9 @@ def ppo_clip_loss(
     _check_clip("ppo", clip_low, clip_high)
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"ppo: dual_clip must be > 1 (or None to disable), got {dual_clip}")
-    check_tis_args("ppo", tis_cap, tis_level, rollout_logp)
-    check_agg_mode(agg, max_len)
-    x = check_loss_inputs("ppo", logp, old_logp, advantages, mask, rollout_logp)
+    x = check_policy_loss_args(
+        "ppo", logp, old_logp, advantages, mask, agg, max_len, rollout_logp, tis_cap, tis_level
+    )
     adv = x.advantages
 
     ratio = torch.exp((x.logp - x.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -258,18 +271,10 @@ def gspo_log_seq_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.
 
 @register_loss("gspo")
 def gspo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    agg: str = "seq-mean-token-mean",
-    max_len: Optional[int] = None,
-    rollout_logp: Optional[torch.Tensor] = None,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
-    tis_cap: Optional[float] = None,
-    tis_level: str = "token",
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    agg: str = "seq-mean-token-mean", max_len: Optional[int] = None, rollout_logp: Optional[torch.Tensor] = None,
+    clip_low: float = 3e-4, clip_high: float = 4e-4,
+    tis_cap: Optional[float] = None, tis_level: str = "token",
 ) -> LossOutput:
     """GSPO-token: a sequence-level, length-normalised ratio with a per-token gradient path.
 
@@ -282,9 +287,9 @@ def gspo_loss(
         ``gspo/seq_ratio_max``, ``gspo/ratio_mean``…``gspo/approx_kl_k3`` (token level, as PPO).
     """
     _check_clip("gspo", clip_low, clip_high)
-    check_tis_args("gspo", tis_cap, tis_level, rollout_logp)
-    check_agg_mode(agg, max_len)
-    x = check_loss_inputs("gspo", logp, old_logp, advantages, mask, rollout_logp)
+    x = check_policy_loss_args(
+        "gspo", logp, old_logp, advantages, mask, agg, max_len, rollout_logp, tis_cap, tis_level
+    )
     adv = x.advantages
 
     log_s = gspo_log_seq_ratio(x.logp, x.old_logp, x.valid).detach()  # [B]

@@ -40,8 +40,8 @@ from typing import Optional
 
 import torch
 
-from megatron_spo.algos.aggregation import add_mean_metric, aggregate, check_agg_mode, check_loss_inputs, seq_metric
-from megatron_spo.algos.losses import LOG_RATIO_CLAMP, check_tis_args, drift_metrics, log_tis_ratio
+from megatron_spo.algos.aggregation import add_mean_metric, aggregate, seq_metric
+from megatron_spo.algos.losses import LOG_RATIO_CLAMP, check_policy_loss_args, drift_metrics, log_tis_ratio
 from megatron_spo.algos.registry import register_loss
 from megatron_spo.algos.types import LossOutput
 
@@ -68,20 +68,10 @@ def first_valid_value(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
 
 @register_loss("vespo")
 def vespo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    agg: str = "token-mean",
-    max_len: Optional[int] = None,
-    rollout_logp: Optional[torch.Tensor] = None,
-    k_pos: float = 2.0,
-    lambda_pos: float = 3.0,
-    k_neg: float = 3.0,
-    lambda_neg: float = 2.0,
-    tis_cap: Optional[float] = None,
-    tis_level: str = "token",
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    agg: str = "token-mean", max_len: Optional[int] = None, rollout_logp: Optional[torch.Tensor] = None,
+    k_pos: float = 2.0, lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0,
+    tis_cap: Optional[float] = None, tis_level: str = "token",
 ) -> LossOutput:
     """VESPO loss (module docstring, steps 1–6). Shapes ``[B, T]``; returns ``LossOutput``.
 
@@ -91,9 +81,9 @@ def vespo_loss(
     for name, value in (("k_pos", k_pos), ("lambda_pos", lambda_pos), ("k_neg", k_neg), ("lambda_neg", lambda_neg)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"vespo: {name} must be a finite number >= 0, got {value!r}")
-    check_tis_args("vespo", tis_cap, tis_level, rollout_logp)
-    check_agg_mode(agg, max_len)
-    x = check_loss_inputs("vespo", logp, old_logp, advantages, mask, rollout_logp)
+    x = check_policy_loss_args(
+        "vespo", logp, old_logp, advantages, mask, agg, max_len, rollout_logp, tis_cap, tis_level
+    )
     zero = torch.zeros((), dtype=x.logp.dtype, device=x.logp.device)
 
     with torch.no_grad():

@@ -33,15 +33,26 @@ _LOCK = threading.Lock()
 # ----------------------------------------------------------------------------------------------
 # 1. patch_cuda_api: the torch.cuda handles megatron touches, made CPU-valid.
 # ----------------------------------------------------------------------------------------------
-class _DummyStream:
+class _Completed:
+    """What a CPU stream and event have in common: any constructor arguments are accepted and
+    ignored, and the work is always complete (CPU ops are synchronous), so synchronising is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _DummyStream(_Completed):
     """Stands in for ``torch.cuda.Stream``: on CPU every op is synchronous, so waits are no-ops.
 
     Used by the MoE alltoall dispatcher (a side stream for device-to-host copies), the PP schedules
     and DDP (communication streams).
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def wait_stream(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -52,12 +63,6 @@ class _DummyStream:
     def record_event(self, event: Any = None) -> "_DummyEvent":
         return event if event is not None else _DummyEvent()
 
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
     def __enter__(self) -> "_DummyStream":
         return self
 
@@ -65,23 +70,14 @@ class _DummyStream:
         return None
 
 
-class _DummyEvent:
+class _DummyEvent(_Completed):
     """Stands in for ``torch.cuda.Event`` (timers, stream ordering); CPU work is already ordered."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def record(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def wait(self, *args: Any, **kwargs: Any) -> None:
         pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
 
     def elapsed_time(self, other: Any) -> float:
         return 0.0

@@ -313,10 +313,8 @@ class SPOCodeAgentLoop:
         sample = start_sample(request, group_index, self.prompt_ids(request))
         if not check_prompt(sample, cfg):
             return sample
-        while True:
-            turn = await model_turn(engine, sample, cfg, self.sampling)
-            if turn is None:
-                break
+        # model_turn returns None when the budget leaves no room for another turn.
+        while (turn := await model_turn(engine, sample, cfg, self.sampling)) is not None:
             ids, engine_finish = turn
             if turn_limit_reached(sample, cfg, engine_finish):
                 break

@@ -128,10 +128,8 @@ class HermesToolAgentLoop:
         conv = [dict(m) for m in request.messages]
         if not check_prompt(sample, cfg):
             return sample
-        while True:
-            turn = await model_turn(engine, sample, cfg, self.sampling)
-            if turn is None:
-                break
+        # model_turn returns None when the budget leaves no room for another turn.
+        while (turn := await model_turn(engine, sample, cfg, self.sampling)) is not None:
             ids, engine_finish = turn
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
             content = text[: -len(self.eos_text)] if self.eos_text and text.endswith(self.eos_text) else text

@@ -9,7 +9,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_spo.sandbox import api
 
@@ -61,6 +61,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+# Fields of api.Limits / ServerConfig whose option (its argparse dest) has the same name and value.
+_LIMITS_FROM_ARGS = (
+    "default_run_timeout", "max_run_timeout", "default_memory_mb", "max_memory_mb", "max_output_bytes", "max_procs")
+_SERVER_FROM_ARGS = ("host", "port", "concurrency", "max_queue", "unsafe_no_isolation", "python", "uid_base")
+
+
+def _same_named(args: argparse.Namespace, names: Tuple[str, ...]) -> Dict[str, Any]:
+    """``{name: args.<name>}`` for each of ``names``."""
+    return {name: getattr(args, name) for name in names}
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from megatron_spo.sandbox.server import ServerConfig, serve
 
@@ -68,24 +79,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.default_memory_mb > args.max_memory_mb:
         print(f"--default-memory-mb {args.default_memory_mb} exceeds --max-memory-mb {args.max_memory_mb}")
         return 2
-    limits = api.Limits(
-        default_run_timeout=args.default_run_timeout,
-        max_run_timeout=args.max_run_timeout,
-        default_memory_mb=args.default_memory_mb,
-        max_memory_mb=args.max_memory_mb,
-        max_output_bytes=args.max_output_bytes,
-        max_procs=args.max_procs,
-        workdir_bytes=args.workdir_mb << 20,
-    )
+    limits = api.Limits(**_same_named(args, _LIMITS_FROM_ARGS), workdir_bytes=args.workdir_mb << 20)
     cfg = ServerConfig(
-        host=args.host,
-        port=args.port,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        unsafe_no_isolation=args.unsafe_no_isolation,
-        python=args.python,
+        **_same_named(args, _SERVER_FROM_ARGS),
         ro_binds=tuple(args.ro_bind),
-        uid_base=args.uid_base,
         use_cgroup=not args.no_cgroup,
         warm_pool=not args.no_warm_pool,
         limits=limits,

@@ -16,6 +16,7 @@ from megatron_spo.trainer.algorithm import Draw, UpdateOutcome
 from megatron_spo.trainer.group import GroupStep
 from megatron_spo.trainer.prompt_stream import PromptStream
 from megatron_spo.trainer.registry import ALGORITHMS, algorithm_class, build_algorithm
+from megatron_spo.trainer.segment_chain import SegmentChainStep
 from megatron_spo.trainer.spo import SPOStep
 
 TRAINER = Path(__file__).resolve().parents[2] / "megatron_spo" / "trainer"
@@ -40,7 +41,8 @@ def _sample(uid, reward, record, ok=True, resp=(2, 3)):
 
 
 def test_registry_maps_every_advantage_name_to_one_family():
-    assert ALGORITHMS == {"spo": SPOStep, "grpo": GroupStep, "dr_grpo": GroupStep, "rloo": GroupStep}
+    assert ALGORITHMS == {"spo": SPOStep, "grpo": GroupStep, "dr_grpo": GroupStep, "rloo": GroupStep,
+                          "spo_chain": SegmentChainStep}
     cfg = load_config(None, ["algo.advantage=rloo"])
     assert algorithm_class(cfg) is GroupStep and GroupStep.samples_per_prompt(cfg) == cfg.algo.grpo.n
     cfg.algo.advantage = "ppo"  # what a config that bypassed validation would hold
@@ -139,3 +141,12 @@ def test_the_loop_has_no_algorithm_name_branch():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("advantage", "tracker", "sampler"), f"{path.name}:{node.lineno} reads .{node.attr}"
+
+
+def test_config_choices_are_exactly_the_registered_families():
+    import typing
+
+    from megatron_spo.config.algo_schema import AlgoConfig
+
+    hints = typing.get_type_hints(AlgoConfig)
+    assert set(typing.get_args(hints["advantage"])) == set(ALGORITHMS)
