@@ -1,4 +1,4 @@
-"""The ``algo`` section of the config tree: the advantage estimator, SPO, GRPO and the policy loss.
+"""The ``algo`` section of the config tree: the advantage estimator, SPO, GRPO, SegPO and the policy loss.
 
 Each section's ``check`` holds its range and cross-field rules (types are enforced while loading);
 ``key`` is the dotted name of the section, for the error messages.
@@ -55,6 +55,21 @@ class GRPOConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """``algo.segment``: SegPO's SPO-chain (cut points, Monte-Carlo prefix values, probability mask)."""
+
+    prob_threshold: float = key(
+        0.9, "spo_chain: tokens sampled with probability below this are cut candidates and the only ones trained")
+    cutpoint_interval: int = key(5, "spo_chain: every k-th low-probability token of a response is a cut point")
+    mc_rollouts: int = key(9, "spo_chain: continuations sampled from each cut's prefix; their mean reward is its value")
+
+    def check(self, key: str) -> None:
+        in_range(f"{key}.prob_threshold", self.prob_threshold, 0.0, 1.0, low_open=True)
+        positive(f"{key}.cutpoint_interval", self.cutpoint_interval)
+        positive(f"{key}.mc_rollouts", self.mc_rollouts)
+
+
+@dataclass
 class LossConfig:
     """``algo.loss``: the registered policy loss, its aggregation and the optional KL / entropy terms."""
 
@@ -102,10 +117,12 @@ class LossConfig:
 class AlgoConfig:
     """``algo``: which advantage estimator, and the settings of each algorithm."""
 
-    advantage: Literal["spo", "grpo", "dr_grpo", "rloo"] = key(
-        "spo", "advantage estimator; spo uses the per-prompt value tracker and one response per prompt")
+    advantage: Literal["spo", "grpo", "dr_grpo", "rloo", "spo_chain"] = key(
+        "spo", "advantage estimator; spo uses the per-prompt value tracker and one response per prompt; "
+        "spo_chain values response segments by continuations (algo.segment)")
     spo: SPOConfig = field(default_factory=SPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def check(self, key: str) -> None:

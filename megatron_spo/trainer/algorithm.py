@@ -140,6 +140,10 @@ class AlgorithmStep(ABC):
 
         ``batch`` is the whole step's collated batch (``megatron_spo.trainer.train_batch.collate``).
         Failed samples (``not sample.ok``) must get 0 and stay out of any statistics.
+
+        A family may narrow ``batch["loss_mask"]`` in place (set entries to 0, never to 1) to keep
+        tokens out of the loss; the loop trains with the narrowed mask (SPO-chain's probability mask:
+        only tokens sampled with probability below the threshold are trained).
         """
 
     def after_update(self, actor: Any, outcome: UpdateOutcome, metrics: Dict[str, float]) -> None:
