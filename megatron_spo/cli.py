@@ -2,6 +2,8 @@
 
 Each feature module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the parser default. A sub-command is listed here only once it works.
+A user error (config, data, layout, missing file) is printed as one line ``error: ...`` with exit
+code 2 (:mod:`megatron_spo.commands.errors`); any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from megatron_spo.commands.errors import report_user_errors
 
 # Modules that provide sub-commands, in the order `--help` lists them.
 SUBCOMMAND_MODULES: List[str] = [
@@ -42,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return report_user_errors(lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

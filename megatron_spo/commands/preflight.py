@@ -4,7 +4,9 @@ Checks, each reported as one line ``[ok|FAIL] what: detail``:
 - imports: torch, megatron-core (through the guarded import that detects the broken Transformer
   Engine meta-package), transformers;
 - launcher environment: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are consistent
-  (when launched by torchrun or srun), and WORLD_SIZE is divisible by TP × PP × CP;
+  (when launched by torchrun or srun), and WORLD_SIZE is divisible by TP × PP × CP and ETP × EP × PP;
+- model layout: TP, PP (× VPP), EP and ETP divide the heads, KV heads, vocabulary, layers and experts of
+  ``model.path``'s config.json (:mod:`megatron_spo.trainer.layout`, the check the trainer runs at start);
 - devices: CUDA visible where the parallel layout needs it (sequence parallel, distributed optimizer);
 - reachability: every rollout server URL and the sandbox answer ``GET /health`` within a timeout.
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Mapping, Optional
 
 from megatron_spo.config import Config
+from megatron_spo.trainer import layout
 
 
 @dataclass
@@ -69,16 +73,35 @@ def check_launch_env(cfg: Config, env: Mapping[str, str] = os.environ) -> List[C
     else:
         out.append(Check("launcher", True, "single process (no WORLD_SIZE)"))
     p = cfg.parallel
-    model_parallel = p.tensor * p.pipeline * p.context
-    ok = world % model_parallel == 0
-    detail = (f"world {world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {world // model_parallel}"
-              if ok else f"world size {world} is not divisible by TP*PP*CP = {model_parallel}")
-    out.append(Check("parallel layout", ok, detail))
-    if p.expert > 1:
-        ok_ep = (world // (p.pipeline * p.context)) % p.expert == 0
-        out.append(Check("expert parallel", ok_ep, f"EP {p.expert} must divide world/(PP*CP) = "
-                                                   f"{world // (p.pipeline * p.context)}"))
+    dense = layout.dense_grid_problem(p, world)
+    dp = world // (p.tensor * p.pipeline * p.context)
+    out.append(Check("parallel layout", dense is None,
+                     dense or f"world {world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {dp}"))
+    expert = layout.expert_grid_problem(p, world)
+    if p.expert > 1 or (expert and not dense):  # with EP 1 and ETP = TP it only repeats the dense grid's failure
+        etp = p.tensor if p.expert_tensor is None else p.expert_tensor
+        edp = world // (etp * p.expert * p.pipeline)
+        out.append(Check("expert parallel", expert is None,
+                         expert or f"world {world} = ETP {etp} x EP {p.expert} x PP {p.pipeline} x expert-DP {edp}"))
     return out
+
+
+def check_model_layout(cfg: Config) -> Check:
+    """The parallel layout against ``model.path``'s config.json (heads, KV heads, vocab, layers, experts).
+
+    Not checked (and not failed) when ``model.path`` is unset or has no config.json on this node, as when
+    preflight only checks the servers; the trainer refuses a missing config.json at start.
+    """
+    path = Path(cfg.model.path)
+    if not cfg.model.path or not ((path / "config.json").is_file() or path.is_file()):
+        where = f"no config.json under model.path={cfg.model.path}" if cfg.model.path else "model.path is not set"
+        return Check("model layout", True, f"not checked: {where}")
+    try:
+        hf, source = layout.read_model_config(cfg.model.path)
+    except layout.LayoutError as err:
+        return Check("model layout", False, str(err))
+    problems = layout.model_problems(cfg.parallel, hf, source)
+    return Check("model layout", not problems, "; ".join(problems) or f"{source} fits the parallel layout")
 
 
 def check_devices(cfg: Config, cuda_available: Optional[bool] = None) -> List[Check]:
@@ -113,7 +136,7 @@ def check_health(name: str, url: str, timeout_s: float = 5.0,
 
 def run_preflight(cfg: Config, *, check_sandbox: Optional[bool] = None, timeout_s: float = 5.0) -> List[Check]:
     """All checks for ``cfg``; the sandbox is checked when the agent uses tools (or when asked)."""
-    checks = check_imports() + check_launch_env(cfg) + check_devices(cfg)
+    checks = check_imports() + check_launch_env(cfg) + [check_model_layout(cfg)] + check_devices(cfg)
     for i, url in enumerate(cfg.rollout.urls):
         checks.append(check_health(f"rollout server {i}", url, timeout_s))
     if check_sandbox is None:

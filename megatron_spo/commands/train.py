@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from typing import List, Optional
 
-from megatron_spo.config import ConfigError, load_config
+from megatron_spo.commands.errors import report_user_errors
+from megatron_spo.config import load_config
 from megatron_spo.config.cli import add_config_arguments
 
 DESCRIPTION = ("Train a policy with SPO / GRPO: rollouts on the engines, updates on the Megatron actor. "
@@ -22,14 +22,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; a user error (config, data, layout, missing file) is one line on stderr and exit code 2."""
+    return report_user_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from megatron_spo.trainer.loop import train
 
     overrides = list(args.overrides) + ([f"io.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter bucket
     return train(cfg)

@@ -92,6 +92,13 @@ def parse_request(body: Any, limits: Limits) -> RunRequest:
     code = body.get("code")
     if not isinstance(code, str):
         raise RequestError(f"code must be a string, got {code!r:.80}")
+    # The code is written to main.py under RLIMIT_FSIZE = max_file_bytes; a UTF-8 character is 1 to 4 bytes,
+    # so only code that might not fit is encoded to be measured.
+    if len(code) * 4 > limits.max_file_bytes:
+        code_bytes = len(code.encode("utf-8", "surrogatepass"))
+        if code_bytes > limits.max_file_bytes:
+            raise RequestError(f"code is {code_bytes} bytes, at most {limits.max_file_bytes} allowed "
+                               "(the sandbox's file-size limit)")
     language = body.get("language", "python")
     if language not in SUPPORTED_LANGUAGES:
         raise RequestError(f"language {language!r} is not supported (supported: {', '.join(SUPPORTED_LANGUAGES)})")

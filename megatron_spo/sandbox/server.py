@@ -163,6 +163,9 @@ class SandboxServer:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return web.json_response(api.error_response(f"request body is not valid JSON: {exc}"), status=400)
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer would be plain text, not SandboxFusion JSON
+            return web.json_response(api.error_response(
+                f"request body is larger than the server's limit of {self.cfg.max_body_bytes} bytes"), status=413)
         try:
             req = api.parse_request(body, self.cfg.limits)
         except api.RequestError as exc:

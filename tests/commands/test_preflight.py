@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from megatron_spo.cli import main
-from megatron_spo.commands.preflight import check_devices, check_health, check_launch_env
+from megatron_spo.commands.preflight import check_devices, check_health, check_launch_env, check_model_layout
 from megatron_spo.config import load_config
 
 
@@ -71,3 +71,42 @@ def test_cli_exit_codes(health_server, capsys):
     code = main(["preflight", "--sandbox", "--timeout", "1", "--set", f"rollout.sandbox_url=http://127.0.0.1:{port}"])
     assert code == 1
     assert f"[FAIL] sandbox: http://127.0.0.1:{port}/health not reachable" in capsys.readouterr().out
+
+
+def test_expert_grid_is_etp_x_ep_x_pp():
+    """The expert layers regroup the world as ETP x EP x PP (CP folds into expert DP), as megatron-core does."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    bad = check_launch_env(load_config(overrides=["parallel.expert=2", "parallel.expert_tensor=2"]), env)
+    assert bad[-1].line() == ("[FAIL] expert parallel: world size 2 is not divisible by ETP*EP*PP = 4 "
+                              "(parallel.expert_tensor=2 x parallel.expert=2 x parallel.pipeline=1)")
+    ok = check_launch_env(load_config(overrides=["parallel.expert=2", "parallel.expert_tensor=1"]), env)
+    assert ok[-1].line() == "[ok] expert parallel: world 2 = ETP 1 x EP 2 x PP 1 x expert-DP 1"
+
+
+def test_model_layout_against_config_json(tmp_path):
+    from megatron_spo.models.tiny import tiny_config
+
+    tiny_config("qwen3").save_pretrained(tmp_path / "m")
+    source = tmp_path / "m" / "config.json"
+    bad = check_model_layout(load_config(overrides=[f"model.path={tmp_path / 'm'}", "parallel.pipeline=3"]))
+    assert bad.line() == ("[FAIL] model layout: parallel.pipeline=3 does not divide the model's "
+                          f"num_hidden_layers=2 ({source})")
+    good = check_model_layout(load_config(overrides=[f"model.path={tmp_path / 'm'}", "parallel.tensor=2"]))
+    assert good.line() == f"[ok] model layout: {source} fits the parallel layout"
+    # Not on this node (preflight may run where only the servers are checked): not checked, not failed.
+    absent = check_model_layout(load_config(overrides=[f"model.path={tmp_path / 'absent'}"]))
+    assert absent.ok and "not checked: no config.json under model.path=" in absent.detail
+    assert check_model_layout(load_config()).detail == "not checked: model.path is not set"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("[1, 2]")
+    assert not check_model_layout(load_config(overrides=[f"model.path={tmp_path / 'broken'}"])).ok
+
+
+def test_cli_fails_on_a_bad_model_layout(tmp_path, capsys):
+    from megatron_spo.models.tiny import tiny_config
+
+    tiny_config("qwen3").save_pretrained(tmp_path / "m")
+    code = main(["preflight", "--set", f"model.path={tmp_path / 'm'}", "--set", "parallel.tensor=3"])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] model layout: parallel.tensor=3 does not divide the model's num_attention_heads=4" in out
