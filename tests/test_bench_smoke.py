@@ -1,4 +1,4 @@
-"""The P2/P3 benchmarks (bench/rho_modes.py, bench/spo_vs_grpo.py): their helpers, and a tiny run of each.
+"""The P2/P3/P9 benchmarks (bench/rho_modes.py, spo_vs_grpo.py, packing.py): helpers, and a tiny run of each.
 
 The tiny runs (2-3 trainer steps, a 2-step warm start) check the output format (a table and a last
 line ``ratio: <number>``) and the numbers the scripts can be held to at any size: accumulated ρ does
@@ -121,3 +121,21 @@ def test_spo_vs_grpo_tiny_run(tmp_path):
         tokens = [s["tokens"] for s in arm["steps"]]
         assert tokens == sorted(tokens)
         assert all(0.0 <= e["avg"] <= 1.0 for e in arm["evals"])
+
+
+@pytest.mark.slow
+def test_packing_tiny_run(tmp_path):
+    """bench/packing.py (P9) on 8 short sequences: packing never computes more than padding, same numbers."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "packing.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "packing.py"), "--sequences", "8", "--min-len", "16",
+                           "--max-len", "192", "--hidden", "64", "--layers", "1", "--budget", "768", "--vocab", "512",
+                           "--repeats", "1", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    m = RATIO.match(lines[-1])
+    assert m, f"last line is not 'ratio: <number>': {lines[-1]!r}"
+    res = json.loads(out.read_text())
+    assert float(m.group(1)) == pytest.approx(res["packed"]["computed_tokens"] / res["real_tokens"], abs=1e-4)
+    assert res["real_tokens"] <= res["packed"]["computed_tokens"] < res["padded"]["computed_tokens"]
+    assert res["loss_abs_diff"] <= 1e-6 and res["logp_max_abs_diff"] <= 1e-5

@@ -12,6 +12,11 @@ computed from ``old_logp``), sums them and all-reduces over the data-parallel gr
 micro-batch then back-propagates ``loss_sum / global_normaliser`` and DP gradients are summed, so
 the loss and its gradient do not depend on the micro-batch split or the DP layout.
 
+Packing (``packing=True``): micro-batches are padding-free rows of concatenated sequences
+(``packing.py``; block-diagonal causal mask on the local spec, THD ``PackedSeqParams`` with
+Transformer Engine). Only the model input is packed: the log-probs come back per sequence, so the
+loss, its normaliser and the metrics are those of the padded path (equal within fp32 rounding).
+
 Bad input: a sequence longer than the model's max positions, an empty batch / micro-batch, a
 loss_mask on position 0 or past a row's length → ``ValueError`` naming the row and value.
 """
@@ -26,10 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_spo.megatron import batching
+from megatron_spo.megatron import batching, packing
 from megatron_spo.megatron.logprobs import chunked_logprobs_from_hidden, hidden_states_output, output_weight
-from megatron_spo.megatron.model import build_model, load_hf_config
+from megatron_spo.megatron.model import build_model, load_hf_config, use_te_spec
 from megatron_spo.megatron.optimizer import OptimSettings, build_optimizer, wrap_ddp
+from megatron_spo.megatron.packed_forward import packed_forward, packed_token_logprobs
 
 
 @dataclass
@@ -73,7 +79,8 @@ class MegatronActor:
             with ``megatron_spo.megatron.export.load_hf_weights(actor.model, ...)`` or a checkpoint.
         optim: optimizer settings, or None for forward-only.
         loss: the policy loss (``LossSettings``).
-        micro_batch_tokens: token budget of one padded micro-batch (rows x longest row).
+        micro_batch_tokens: token budget of one micro-batch (padded: rows x longest row; packed: rows x width).
+        packing: pack sequences padding-free into the micro-batches' rows (see ``packing.py``).
         temperature: logits are divided by it before log-softmax (match the rollout sampler).
         params_dtype, aux_loss_coef, use_te, sequence_parallel: passed to ``build_model`` (SP: GPU only;
             None = as given to ``initialize_parallel``).
@@ -84,7 +91,7 @@ class MegatronActor:
         self, hf_config: Any, *, optim: Optional[OptimSettings] = None, loss: Optional[LossSettings] = None,
         micro_batch_tokens: int = 16384, temperature: float = 1.0, params_dtype: torch.dtype = torch.float32,
         aux_loss_coef: float = 0.0, use_te: Optional[bool] = None, sequence_parallel: Optional[bool] = None,
-        **config_overrides: Any,
+        packing: bool = False, **config_overrides: Any,
     ) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
@@ -98,6 +105,11 @@ class MegatronActor:
         self.max_positions = int(self.hf_config["max_position_embeddings"])
         self.loss = loss or LossSettings()
         self.micro_batch_tokens = micro_batch_tokens
+        # THD packing with TE attention; the local spec takes an explicit block-diagonal mask instead.
+        self.packing, self.thd = packing, packing and (use_te_spec() if use_te is None else bool(use_te))
+        if packing and parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("packing with context parallelism is not supported (cu_seqlens would need "
+                             "per-rank padding); set packing off or context parallel size 1")
         self.temperature = temperature
         chunks = build_model(self.hf_config, params_dtype=params_dtype, aux_loss_coef=aux_loss_coef, use_te=use_te,
                              sequence_parallel=sequence_parallel, **config_overrides)
@@ -146,17 +158,17 @@ class MegatronActor:
         same number of micro-batches: the count is made equal across the DP group (MAX), then rows
         are rebalanced into exactly that many micro-batches. With virtual pipeline stages the
         micro-batches are equal-sized, padded to the batch's longest row, and their count is a
-        multiple of pp (constraints of megatron's interleaved schedule).
+        multiple of pp (constraints of megatron's interleaved schedule). With ``packing`` the same
+        count rules hold for packed micro-batches (``packing.py``; fixed [R, W] under virtual stages).
         """
         batching.validate_batch(batch, self.max_positions)
         lengths = batch["lengths"].tolist()
+        if self.packing:
+            return self._packed_micro_batches(batch, lengths, groups)
         fixed_width = None
         if groups is None:
             groups = batching.split_by_token_budget(lengths, self.micro_batch_tokens)
-            count = torch.tensor([len(groups)], dtype=torch.long, device=self.device)
-            if dist.is_initialized() and self.ps.get_data_parallel_world_size() > 1:
-                dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
-            count = int(count)
+            count = self._common_count(len(groups))
             if self._vpp_multiple > 1:
                 groups = batching.equal_groups(lengths, count, self._vpp_multiple)
             elif count != len(groups):
@@ -172,11 +184,39 @@ class MegatronActor:
         mbs = batching.make_micro_batches(batch, groups, width_multiple=self.width_multiple, width=fixed_width)
         return [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
 
+    def _common_count(self, count: int) -> int:
+        """The largest micro-batch count over the data-parallel group (every rank runs that many)."""
+        count = torch.tensor([count], dtype=torch.long, device=self.device)
+        if dist.is_initialized() and self.ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
+        return int(count)
+
+    def _packed_micro_batches(self, batch: Dict[str, torch.Tensor], lengths: List[int],
+                              groups: Optional[Sequence[Sequence[int]]]) -> List[Dict[str, torch.Tensor]]:
+        """``micro_batches`` with packing: the same count rules; with virtual stages fixed [R, W] shapes."""
+        vpp = self._vpp_multiple
+        if groups is None:
+            plan = packing.plan_packing(lengths, self.micro_batch_tokens, thd=self.thd)
+            count = self._common_count(len(plan))
+            count = -(-count // vpp) * vpp
+            if count != len(plan):
+                plan = packing.rebalance(plan, count)
+        else:
+            plan = packing.plan_from_groups(lengths, groups, self.micro_batch_tokens, thd=self.thd)
+            if len(plan) % vpp:
+                raise ValueError(f"with virtual pipeline stages the micro-batch count must be a multiple of "
+                                 f"pp={vpp}; got {len(plan)}")
+        mbs = packing.make_packed_micro_batches(batch, plan, width_multiple=self.width_multiple,
+                                                fixed_shape=vpp > 1, thd=self.thd)
+        return [{k: v.to(self.device) for k, v in mb.items()} for mb in mbs]
+
     # ------------------------------------------------------------------------------------------
     # the shared forward path
     # ------------------------------------------------------------------------------------------
     def _token_logprobs(self, model: torch.nn.Module, hidden: torch.Tensor, mb: Dict[str, torch.Tensor]):
         """[b, t, H] final hidden states -> (logp [b, t], entropy [b, t]), position 0 = 0."""
+        if "packed_src" in mb:
+            return packed_token_logprobs(model, hidden, mb, self.temperature)
         ids = mb["input_ids"]
         b, t = ids.shape
         h = hidden[:, :-1].reshape(b * (t - 1), hidden.shape[-1])
@@ -193,18 +233,22 @@ class MegatronActor:
             mb = next(data_iterator)
             gpt = _unwrap(model)
             with hidden_states_output(gpt):
-                out = model(mb["input_ids"], mb["position_ids"], None)
+                if "packed_ids" in mb:
+                    out = packed_forward(model, gpt, mb)
+                else:
+                    out = model(mb["input_ids"], mb["position_ids"], None)
             return out, functools.partial(self._loss_func, gpt, mb, loss_closure)
 
         n = len(self.model)
         iterators = [iter(micro_batches) for _ in range(n)]
+        shapes = [mb.get("packed_ids", mb["input_ids"]).shape for mb in micro_batches]  # the model's input
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if n > 1 else iterators[0],
             model=self.model if n > 1 else self.model[0],
             num_microbatches=len(micro_batches),
-            seq_length=max(mb["input_ids"].shape[1] for mb in micro_batches),
-            micro_batch_size=max(mb["input_ids"].shape[0] for mb in micro_batches),
+            seq_length=max(shape[1] for shape in shapes),
+            micro_batch_size=max(shape[0] for shape in shapes),
             forward_only=forward_only,
         )
 

@@ -10,10 +10,11 @@ A rank-local batch is a dict of tensors, rows = sequences, right-padded to a com
 
 Log-probs are aligned to tokens: ``logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t])``.
 
-Padding-free packing (THD layout with ``PackedSeqParams``) needs Transformer Engine attention; the
-local spec used on CPU has no packed-sequence path, so micro-batches are padded batches here: rows are
-trimmed to the longest row of their micro-batch and right-padded (causal attention keeps real tokens
-independent of the padding; MoE routing is dropless, so padding takes no expert capacity from them).
+Here micro-batches are padded batches: rows are trimmed to the longest row of their micro-batch and
+right-padded (causal attention keeps real tokens independent of the padding; MoE routing is dropless,
+so padding takes no expert capacity from them). The padding-free alternative (sequences concatenated
+into rows, the actor's ``packing=True``) is ``packing.py``; it reuses ``make_micro_batches`` for the
+per-sequence tensors.
 """
 
 from __future__ import annotations
