@@ -175,6 +175,7 @@ class TrainConfig:
     prompts_per_step: int = key(768, "prompts sampled per step (responses per step = this x responses per prompt)")
     updates_per_step: int = key(8, "optimizer steps (mini-batches) per rollout batch")
     micro_batch_tokens: int = key(16384, "token budget of one micro-batch (dynamic batch size)")
+    packing: bool = key(False, "pack sequences padding-free into micro-batch rows (block-diagonal attention / THD)")
     seed: int = key(1, "seed of the prompt order, samplers, offline prior, megatron RNGs and the embedded engine")
     eval_every: int = key(10, "validate on data.eval_paths every this many steps (0: never)")
     save_every: int = key(20, "checkpoint every this many steps (0: only at the end and on preemption)")
