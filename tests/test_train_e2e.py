@@ -70,7 +70,8 @@ TIMING_KEYS = re.compile(r"(^time$|^time/|seconds|per_s$)")
 # Statistics of the engine's sampling log-probs. The embedded engine batches whatever requests are in
 # flight (timing-dependent) and a row's log-probs change in the last bits with the batch's padding
 # (measured: ~4e-7); the sampled tokens do not (per-sample seeds). Nothing trained uses them here
-# (no TIS), so they are compared with a tolerance, not bit for bit.
+# (no TIS), so they are compared with a tolerance, not bit for bit; the max |Δlogp| over a step's
+# tokens moves by its own size between runs (measured 0.8e-6 .. 1.9e-6) and is only bounded (≤ 1e-5).
 ENGINE_LOGP_KEYS = re.compile(r"^(rollout/kl_|mismatch/)")
 
 
@@ -354,7 +355,7 @@ def test_kill_after_checkpoint_then_resume_is_bit_identical(run_a, tmp_path, pre
         # with the base model and differ by far more).
         assert got["mismatch/max_abs_logp_diff"] <= 1e-5, (step, got["mismatch/max_abs_logp_diff"])
         for k in want:
-            if ENGINE_LOGP_KEYS.search(k):
+            if ENGINE_LOGP_KEYS.search(k) and k != "mismatch/max_abs_logp_diff":  # that one is bounded above
                 assert got[k] == pytest.approx(want[k], abs=1e-6), (step, k, got[k], want[k])
         exact = sum(1 for k in want if not ENGINE_LOGP_KEYS.search(k))
         print(f"step {step + 1}: {exact} metrics bit-identical (loss {got['loss']!r}, grad_norm {got['grad_norm']!r}, "
