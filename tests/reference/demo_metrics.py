@@ -12,7 +12,8 @@ only from them (:data:`ENGINE_LOGP`) can differ between two runs of the same cod
 1 of 3 runs: ``mismatch/token_kl`` 1.44e-08 vs 1.87e-08). They are compared to :data:`ENGINE_LOGP_TOL`;
 every token, reward, loss, gradient norm and tracker value is compared exactly.
 
-The numbers depend on the machine's floating-point kernels (CPU, thread count, torch build): a
+The demo runs with one thread (:data:`THREADS`). The numbers depend on the machine's floating-point
+kernels (CPU, torch build): a
 mismatch on another machine means "re-record there before a refactor", not "the code is wrong".
 """
 
@@ -31,6 +32,7 @@ from typing import Dict, List
 HERE = Path(__file__).resolve().parent
 ALGOS = ("spo", "grpo")
 STEPS = 30
+THREADS = 1
 # Wall-clock figures (phase seconds, tokens per second, step time) differ between any two runs.
 TIMING = re.compile(r"(^time$|seconds|_s$|per_s|tok/s|/time|time/|throughput|tokens_per)")
 
@@ -52,7 +54,10 @@ def run_demo(algo: str, run_dir: Path) -> List[Dict]:
     """Run the demo in a fresh process (the same one the README's command starts) and read its metrics."""
     cmd = [sys.executable, "-m", "megatron_spo.cli", "demo", "--algo", algo, "--steps", str(STEPS),
            "--run-dir", str(run_dir)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ))
+    # One thread: the float kernels' reduction order, and so every number, depends on the thread count
+    # (pytest's conftest sets 1; a plain shell would use every core).
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
     return non_timing([json.loads(line) for line in lines if line.strip()])
 
