@@ -1,4 +1,4 @@
-"""``megatron-spo demo``: a real SPO (or GRPO, or SPO-chain) training run on CPU that finishes in minutes.
+"""``megatron-spo demo``: a real SPO (or GRPO, SPO-chain, SPO-tree) training run on CPU that finishes in minutes.
 
 The task is verifiable and small: "What is a + b?" for single digits a, b (100 prompts), answered as
 ``\\boxed{a+b}``. The policy is a tiny Qwen3 built from a config (random weights, nothing is
@@ -102,6 +102,9 @@ def demo_overrides(run_dir: Path, model_dir: Path, data: Path, algo: str, steps:
         # only low-probability tokens train and a small mini-batch may have none (trainer/segment_chain.py)
         out += ["algo.advantage=spo_chain", "train.prompts_per_step=16", "train.updates_per_step=1",
                 "algo.segment.cutpoint_interval=2", "algo.segment.mc_rollouts=4"]
+    elif algo == "spo_tree":  # a 4-4 tree of 3-token segments per prompt; one update per step, as for spo_chain
+        out += ["algo.advantage=spo_tree", "train.prompts_per_step=8", "train.updates_per_step=1",
+                "algo.segment.branching=[4,4]", "algo.segment.segment_len=3"]
     else:  # equal responses per step: 8 prompts x 8 samples
         out += ["algo.advantage=grpo", "algo.grpo.n=8", "train.prompts_per_step=8"]
     return out
@@ -141,8 +144,8 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="train a tiny model with SPO (GRPO, SPO-chain) on a toy arithmetic task, on CPU, in minutes")
-    parser.add_argument("--algo", choices=("spo", "grpo", "spo_chain"), default="spo",
+        "demo", help="train a tiny model with SPO (GRPO, SPO-chain, SPO-tree) on toy arithmetic, on CPU, in minutes")
+    parser.add_argument("--algo", choices=("spo", "grpo", "spo_chain", "spo_tree"), default="spo",
                         help="advantage estimator (default spo)")
     parser.add_argument("--steps", type=int, default=300, help="RL steps (default 300)")
     parser.add_argument("--run-dir", default="runs/demo", help="where models, data and metrics go")

@@ -128,8 +128,8 @@ def test_loss_names_match_the_registry():
     loss_names = set(typing.get_args(typing.get_type_hints(LossConfig)["name"]))
     adv_names = set(typing.get_args(typing.get_type_hints(AlgoConfig)["advantage"]))
     assert loss_names <= set(algos.POLICY_LOSSES), sorted(algos.POLICY_LOSSES)
-    # spo_chain is a trainer family (token-level advantages from continuations), not a reward estimator
-    assert adv_names - {"spo_chain"} <= set(algos.ADVANTAGE_ESTIMATORS), sorted(algos.ADVANTAGE_ESTIMATORS)
+    # spo_chain and spo_tree are trainer families (token-level advantages from continuations), not reward estimators
+    assert adv_names - {"spo_chain", "spo_tree"} <= set(algos.ADVANTAGE_ESTIMATORS), sorted(algos.ADVANTAGE_ESTIMATORS)
 
 
 def test_cli_show_and_keys(tmp_path, capsys):

@@ -7,7 +7,7 @@ Each section's ``check`` holds its range and cross-field rules (types are enforc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from megatron_spo.config.declare import key
 from megatron_spo.config.errors import ConfigError, at_least, in_range, positive
@@ -56,17 +56,26 @@ class GRPOConfig:
 
 @dataclass
 class SegmentConfig:
-    """``algo.segment``: SegPO's SPO-chain (cut points, Monte-Carlo prefix values, probability mask)."""
+    """``algo.segment``: SegPO's SPO-chain (cut points, Monte-Carlo prefix values, probability mask) and SPO-tree."""
 
     prob_threshold: float = key(
         0.9, "spo_chain: tokens sampled with probability below this are cut candidates and the only ones trained")
     cutpoint_interval: int = key(5, "spo_chain: every k-th low-probability token of a response is a cut point")
     mc_rollouts: int = key(9, "spo_chain: continuations sampled from each cut's prefix; their mean reward is its value")
+    branching: List[int] = key([6, 6, 6], "spo_tree: children of each node at depth 0, 1, ... (tree depth = list length)")
+    segment_len: int = key(30, "spo_tree: new tokens per segment above the last depth (the last runs to the end)")
+    tree_advantage: Literal["rloo", "grpo"] = key(
+        "rloo", "spo_tree: edge advantage V(child) - V(parent); grpo divides it by the siblings' std")
 
     def check(self, key: str) -> None:
         in_range(f"{key}.prob_threshold", self.prob_threshold, 0.0, 1.0, low_open=True)
         positive(f"{key}.cutpoint_interval", self.cutpoint_interval)
         positive(f"{key}.mc_rollouts", self.mc_rollouts)
+        if not self.branching:
+            raise ConfigError(f"{key}.branching must list at least one depth's branching, got []")
+        for d, b in enumerate(self.branching):
+            positive(f"{key}.branching[{d}]", b)
+        positive(f"{key}.segment_len", self.segment_len)
 
 
 @dataclass
@@ -117,9 +126,9 @@ class LossConfig:
 class AlgoConfig:
     """``algo``: which advantage estimator, and the settings of each algorithm."""
 
-    advantage: Literal["spo", "grpo", "dr_grpo", "rloo", "spo_chain"] = key(
+    advantage: Literal["spo", "grpo", "dr_grpo", "rloo", "spo_chain", "spo_tree"] = key(
         "spo", "advantage estimator; spo uses the per-prompt value tracker and one response per prompt; "
-        "spo_chain values response segments by continuations (algo.segment)")
+        "spo_chain values response segments by continuations, spo_tree by tree rollouts (algo.segment)")
     spo: SPOConfig = field(default_factory=SPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)

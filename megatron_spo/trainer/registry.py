@@ -14,9 +14,10 @@ from megatron_spo.trainer.algorithm import AlgorithmStep
 from megatron_spo.trainer.group import GroupStep
 from megatron_spo.trainer.prompt_stream import PromptStream
 from megatron_spo.trainer.segment_chain import SegmentChainStep
+from megatron_spo.trainer.segment_tree import SegmentTreeStep
 from megatron_spo.trainer.spo import SPOStep
 
-FAMILIES = (SPOStep, GroupStep, SegmentChainStep)
+FAMILIES = (SPOStep, GroupStep, SegmentChainStep, SegmentTreeStep)
 
 ALGORITHMS: Dict[str, Type[AlgorithmStep]] = {name: family for family in FAMILIES for name in family.names}
 

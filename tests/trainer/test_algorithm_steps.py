@@ -17,6 +17,7 @@ from megatron_spo.trainer.group import GroupStep
 from megatron_spo.trainer.prompt_stream import PromptStream
 from megatron_spo.trainer.registry import ALGORITHMS, algorithm_class, build_algorithm
 from megatron_spo.trainer.segment_chain import SegmentChainStep
+from megatron_spo.trainer.segment_tree import SegmentTreeStep
 from megatron_spo.trainer.spo import SPOStep
 
 TRAINER = Path(__file__).resolve().parents[2] / "megatron_spo" / "trainer"
@@ -42,7 +43,7 @@ def _sample(uid, reward, record, ok=True, resp=(2, 3)):
 
 def test_registry_maps_every_advantage_name_to_one_family():
     assert ALGORITHMS == {"spo": SPOStep, "grpo": GroupStep, "dr_grpo": GroupStep, "rloo": GroupStep,
-                          "spo_chain": SegmentChainStep}
+                          "spo_chain": SegmentChainStep, "spo_tree": SegmentTreeStep}
     cfg = load_config(None, ["algo.advantage=rloo"])
     assert algorithm_class(cfg) is GroupStep and GroupStep.samples_per_prompt(cfg) == cfg.algo.grpo.n
     cfg.algo.advantage = "ppo"  # what a config that bypassed validation would hold
@@ -134,7 +135,7 @@ def test_check_config_is_the_familys():
 
 def test_the_loop_has_no_algorithm_name_branch():
     """No trainer file outside the families and the registry reads ``algo.advantage`` or an SPO-only part."""
-    families = {"spo.py", "group.py", "registry.py"}
+    families = {"spo.py", "group.py", "registry.py", "segment_tree.py"}  # segment_tree reads Edge.advantage
     for path in sorted(TRAINER.glob("*.py")):
         if path.name in families:
             continue
