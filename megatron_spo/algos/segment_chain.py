@@ -396,3 +396,13 @@ def build_prefix_queries(
             row.append(seen[key])
         result.owners.append(row)
     return result
+
+
+def keep_a_token_per_row(loss_mask: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` the narrowed mask ``loss_mask * low``, where a row left without a token keeps its first
+    trained token, with advantage 0 there (the trainer families do this so that no micro-batch is left
+    without a token to normalise by: the actor refuses a zero normaliser)."""
+    narrowed = loss_mask * low
+    empty = ((narrowed.sum(1) == 0) & (loss_mask.sum(1) > 0)).nonzero().flatten()
+    narrowed[empty, loss_mask[empty].argmax(1)] = 1.0  # argmax: the first 1 of each such row
+    return narrowed

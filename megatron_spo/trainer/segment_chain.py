@@ -41,9 +41,9 @@ Deviations from the reference, on purpose:
    ``segment/continuation_errors``.
 4. **Nothing below the threshold.** When no trained token of the whole batch has ``p < threshold``
    the loss mask is kept and every advantage is 0 (the reference's whitening fallback gives the same
-   zeros), so the update has tokens to normalise by. A single mini-batch with no such token (others
-   having some) still has nothing to train, and the actor refuses its zero normaliser; with real
-   batch sizes this does not happen.
+   zeros), so the update has tokens to normalise by. A row with no such token (others having some)
+   keeps its first trained token in the loss with advantage 0, so no mini-batch or micro-batch is
+   left without a token to normalise by (the actor refuses a zero normaliser).
 5. The first-segment rule of the reference is kept: without a cut at −1 (first response token of
    low probability) there is no V(prompt), and the first segment gets advantage 0 (before whitening).
 """
@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 import torch
 
 from megatron_spo.algos.segment_chain import (
-    build_prefix_queries, chain_cutpoints, chain_segment_advantages, probability_mask, whiten_segment_advantages,
+    build_prefix_queries, chain_cutpoints, chain_segment_advantages, keep_a_token_per_row, probability_mask,
+    whiten_segment_advantages,
 )
 from megatron_spo.config import Config, ConfigError
 from megatron_spo.rollout.agent_loop import finish, model_turn, start_sample
@@ -185,7 +186,7 @@ class SegmentChainStep(AlgorithmStep):
             return torch.zeros_like(loss_mask, dtype=torch.float32)
         raw = segment_table(samples, tuple(loss_mask.shape))
         adv = whiten_segment_advantages(raw * low, loss_mask, probs, threshold=threshold)
-        loss_mask.mul_(low.to(loss_mask.dtype))
+        loss_mask.copy_(keep_a_token_per_row(loss_mask, low.to(loss_mask.dtype)))  # docstring item 4
         return adv.to(torch.float32)
 
     def state_dict(self) -> Dict[str, Any]:

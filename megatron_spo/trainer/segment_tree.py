@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_spo.algos.segment_chain import probability_mask, whiten_segment_advantages
+from megatron_spo.algos.segment_chain import keep_a_token_per_row, probability_mask, whiten_segment_advantages
 from megatron_spo.algos.segment_tree import Edge, SegmentTree, edge_advantages, filter_zero_advantage_edges
 from megatron_spo.config import Config, ConfigError
 from megatron_spo.rollout.agent_loop import finish, model_turn, room_for_turn, start_sample
@@ -326,15 +326,6 @@ def edge_table(samples: Sequence[Sample], shape: Tuple[int, int]) -> Tuple[torch
             raw[i, span] = float(s.meta[TREE_ADVANTAGE])
             signal[i, span] = 0.0 if s.meta.get(TREE_FILLER) else 1.0
     return raw, signal
-
-
-def keep_a_token_per_row(loss_mask: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` the narrowed mask ``loss_mask * low``, where a row left without a token keeps its first
-    trained token (module docstring item 5: no micro-batch may be left without one)."""
-    narrowed = loss_mask * low
-    empty = ((narrowed.sum(1) == 0) & (loss_mask.sum(1) > 0)).nonzero().flatten()
-    narrowed[empty, loss_mask[empty].argmax(1)] = 1.0  # argmax: the first 1 of each such row
-    return narrowed
 
 
 def _world_size() -> int:

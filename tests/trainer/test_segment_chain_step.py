@@ -181,6 +181,23 @@ def test_nothing_below_the_threshold_keeps_the_mask_and_gives_zeros(tok):
     assert metrics["segment/tokens_masked"] == 0.0
 
 
+def test_a_row_with_nothing_below_the_threshold_keeps_one_token_with_advantage_zero(tok):
+    """Another row has low-probability tokens, this one none: it keeps its first trained token (advantage 0),
+    so a micro-batch holding only this row still has a token to normalise by."""
+    fam, _ = _family([])
+    sure = Sample(uid="a", request_uid="a", prompt_ids=[1], response_ids=[5, 6], loss_mask=[1, 1],
+                  rollout_logprobs=[-0.01, -0.02], reward=1.0,
+                  meta={"record": 0, SEGMENT_CUTS: [], SEGMENT_VALUES: []})
+    unsure = Sample(uid="b", request_uid="b", prompt_ids=[1], response_ids=[7, 8], loss_mask=[1, 1],
+                    rollout_logprobs=[-2.0, -3.0], reward=0.0,
+                    meta={"record": 1, SEGMENT_CUTS: [0], SEGMENT_VALUES: [0.5]})
+    batch = tb.collate([sure, unsure], pad_id=0)
+    adv = fam.advantages(Draw(_records(2), 1, "single_stream"), [sure, unsure], batch, {})
+    assert batch["loss_mask"][0].tolist() == [0.0, 1.0, 0.0]  # the first response token only
+    assert adv[0].abs().sum() == 0
+    assert batch["loss_mask"][1].tolist() == [0.0, 1.0, 1.0] and adv[1, 1:].abs().sum() > 0
+
+
 def test_samples_without_segment_values_are_an_error():
     fam, _ = _family([])
     s = Sample(uid="a", request_uid="a", prompt_ids=[1], response_ids=[5], loss_mask=[1], rollout_logprobs=[-2.0],
