@@ -12,9 +12,16 @@ A save writes everything into ``.tmp-step_N``, then (one process) writes ``COMPL
 manifest, itself written to a temp file and renamed), renames the directory to ``step_N`` and only
 then replaces ``latest``. A process killed at any point leaves either a ``.tmp-`` directory (ignored)
 or a complete, published checkpoint. On load, a directory whose manifest is missing or whose files
-are missing or of the wrong size (e.g. truncated by a full disk or a partial copy) is refused with a
-message naming the file, and the previous complete checkpoint is used. Sizes catch truncation; a
-same-size bit flip is not detected (there is no content hash, which would mean reading every byte).
+are missing, of the wrong size (e.g. truncated by a full disk or a partial copy) or whose content
+does not match its checksum (a same-size corruption) is refused with a message naming the file, and
+the previous complete checkpoint is used.
+
+The manifest holds each file's size and a checksum (``xxh3_64`` of xxhash, which ``datasets``
+requires; ``crc32`` where it is missing), computed on several threads by the process writing the
+manifest: 0.3-1.3 s per GB measured on a 2-core machine with the files in the page cache, against
+about 15 s per GB to write and fsync them there. A load reads every byte again to verify them
+(the same cost); listing, publishing and pruning compare sizes only. A manifest without checksums
+(written before they existed) is verified by sizes.
 
 Pure filesystem code: no torch.distributed; the caller runs the one-process steps on rank 0
 between barriers, on a filesystem all ranks share.
@@ -22,14 +29,16 @@ between barriers, on a filesystem all ranks share.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -46,6 +55,52 @@ class IncompleteCheckpointError(RuntimeError):
 
 class NoCheckpointError(FileNotFoundError):
     """No complete checkpoint exists under a root."""
+
+
+class UnreadableCheckpointError(IncompleteCheckpointError):
+    """A checkpoint's files are all there but cannot be read back (corrupt, or not a checkpoint of this code)."""
+
+
+_CHUNK = 16 << 20  # bytes read per update: large enough to release the GIL for most of the hashing
+_HASH_THREADS = 8
+
+
+def _hasher(algorithm: str) -> Tuple[Callable[[], Any], Callable[[Any, bytes], Any], Callable[[Any], str]]:
+    """(new, update, hexdigest) of ``algorithm``; crc32 state is a plain int."""
+    if algorithm == "xxh3_64":
+        import xxhash
+
+        return xxhash.xxh3_64, lambda h, b: (h.update(b), h)[1], lambda h: h.hexdigest()
+    if algorithm == "crc32":
+        return lambda: 0, lambda h, b: zlib.crc32(b, h), lambda h: f"{h:08x}"
+    raise IncompleteCheckpointError(f"unknown checksum algorithm {algorithm!r} in the manifest")
+
+
+def default_checksum() -> str:
+    """``xxh3_64`` when xxhash is importable (``datasets`` depends on it), else ``crc32``."""
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "crc32"
+    return "xxh3_64"
+
+
+def file_checksum(path: PathLike, algorithm: str) -> str:
+    """The hex checksum of a file's bytes."""
+    new, update, hexdigest = _hasher(algorithm)
+    h = new()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            h = update(h, block)
+    return hexdigest(h)
+
+
+def checksums(directory: Path, names: Iterable[str], algorithm: str) -> Dict[str, str]:
+    """``{relative name: checksum}`` of files under ``directory``, hashed on several threads."""
+    names = list(names)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(_HASH_THREADS, len(names)))) as pool:
+        sums = pool.map(lambda rel: file_checksum(directory / rel, algorithm), names)
+        return dict(zip(names, sums))
 
 
 def step_dir_name(step: int) -> str:
@@ -99,23 +154,31 @@ def _manifest_files(directory: Path) -> Dict[str, int]:
 
 
 def write_manifest(directory: PathLike, step: int, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Write ``COMPLETE.json`` listing every file (relative path -> bytes) of ``directory``. One process, last."""
+    """Write ``COMPLETE.json`` listing every file of ``directory`` (relative path -> bytes, and its checksum).
+    One process, last."""
     directory = Path(directory)
     for p in directory.rglob("*"):  # flush file contents before the marker claims they are complete
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-    manifest = {"step": int(step), "time": time.time(), "files": _manifest_files(directory), "meta": meta or {}}
+    files = _manifest_files(directory)
+    algorithm = default_checksum()
+    manifest = {"step": int(step), "time": time.time(), "files": files, "meta": meta or {},
+                "checksum": algorithm, "checksums": checksums(directory, files, algorithm)}
     _write_atomic(directory / MARKER, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
-def verify(directory: PathLike) -> Dict[str, Any]:
+def verify(directory: PathLike, *, content: bool = False) -> Dict[str, Any]:
     """Return the manifest of a complete checkpoint directory.
+
+    ``content=True`` also reads every file and compares its checksum with the manifest's (what a load
+    does); otherwise only sizes are compared.
 
     Raises:
         IncompleteCheckpointError: naming the directory and the first problem found (no marker,
-            unreadable marker, a listed file missing, or a file whose size differs).
+            unreadable marker, a listed file missing, a file whose size differs, or, with ``content``,
+            whose checksum differs).
     """
     directory = Path(directory)
     marker = directory / MARKER
@@ -138,6 +201,14 @@ def verify(directory: PathLike) -> Dict[str, Any]:
             raise IncompleteCheckpointError(
                 f"checkpoint {directory} is corrupt: file {rel} has {actual} bytes, the manifest says {size} "
                 f"(truncated?)")
+    expected = manifest.get("checksums")
+    if content and expected:
+        algorithm = manifest.get("checksum", "xxh3_64")
+        for rel, actual in checksums(directory, expected, algorithm).items():
+            if actual != expected[rel]:
+                raise IncompleteCheckpointError(
+                    f"checkpoint {directory} is corrupt: file {rel} does not match its checksum "
+                    f"({algorithm} {actual}, the manifest says {expected[rel]})")
     return manifest
 
 
@@ -186,11 +257,12 @@ def read_latest(root: PathLike) -> Optional[Path]:
     return Path(root) / name
 
 
-def resolve(root: PathLike) -> Path:
+def resolve(root: PathLike, *, content: bool = True) -> Path:
     """The checkpoint to resume from: the one ``latest`` names if complete, else the newest complete one.
 
     Every refused directory is logged at WARNING with the reason. ``root`` may also be a checkpoint
-    directory itself (it is then verified and returned, or the error raised).
+    directory itself (it is then verified and returned, or the error raised). ``content`` verifies
+    the checksums too (see :func:`verify`).
 
     Raises:
         NoCheckpointError: no complete checkpoint under ``root`` (the message lists what was refused).
@@ -198,7 +270,7 @@ def resolve(root: PathLike) -> Path:
     """
     root = Path(root)
     if (root / MARKER).exists() or _STEP_RE.match(root.name):
-        verify(root)
+        verify(root, content=content)
         return root
     candidates: List[Path] = []
     latest = read_latest(root)
@@ -208,7 +280,7 @@ def resolve(root: PathLike) -> Path:
     refused = []
     for cand in candidates:
         try:
-            verify(cand)
+            verify(cand, content=content)
         except IncompleteCheckpointError as err:
             log.warning("refusing checkpoint: %s; falling back to the previous complete one", err)
             refused.append(str(err))
@@ -218,10 +290,10 @@ def resolve(root: PathLike) -> Path:
     raise NoCheckpointError(f"no complete checkpoint under {root}{detail}")
 
 
-def find_resumable(root: PathLike) -> Optional[Path]:
+def find_resumable(root: PathLike, *, content: bool = True) -> Optional[Path]:
     """Like :func:`resolve` but None when the root has no checkpoint at all (a fresh run)."""
     try:
-        return resolve(root)
+        return resolve(root, content=content)
     except NoCheckpointError:
         if list_published(root):
             raise  # checkpoints exist but none is complete: resuming from scratch would be a silent reset

@@ -204,7 +204,7 @@ def load_checkpoint(
     if chosen is None:
         return None
     ddir = str(chosen / "dist")
-    common = dist_checkpointing.load_common_state_dict(ddir)["common"]
+    common = _common_state(chosen)
     if common.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {chosen}: format {common.get('format')!r}, this code reads {FORMAT_VERSION}")
     if optimizer is not None and not common.get("has_optimizer", False):
@@ -217,7 +217,12 @@ def load_checkpoint(
     else:
         log.warning("checkpoint %s was saved with layout %s, now %s: weights and optimizer are resharded, "
                     "per-rank RNG/rank_state are not restored", chosen, common["layout"], _layout())
-    state = dist_checkpointing.load(sd, ddir)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        state = dist_checkpointing.load(sd, ddir)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 (torch's text is a multi-rank traceback)
+        raise _unreadable(chosen / "dist", "its shards could not be loaded into this model", err) from None
     chunks = _chunks(model)
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"], strict=True)
@@ -245,7 +250,32 @@ def load_checkpoint(
 def read_caller_state(path: Union[str, Path]) -> Dict[str, Any]:
     """The ``caller_state`` of the newest complete checkpoint under ``path`` (a root or a step dir),
     read from the common state alone: no model, no process group (for inspection and tests)."""
+    return _common_state(cdir.resolve(path))["caller"]
+
+
+def _unreadable(where: Path, what: str, err: BaseException) -> cdir.UnreadableCheckpointError:
+    """A one-line error naming ``where``: torch's own text is kept out when it advises ``weights_only=False``
+    (unsafe, and never the fix for a corrupt file); the full error goes to the debug log."""
+    log.debug("checkpoint %s: %s", where, what, exc_info=err)
+    failures = getattr(err, "failures", None)  # torch's CheckpointException wraps each rank's (error, traceback)
+    if isinstance(failures, dict) and failures:
+        err = next(iter(failures.values()))[0]
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    if "weights" in detail.lower() and "only" in detail.lower():
+        detail = "not a valid torch file"
+    return cdir.UnreadableCheckpointError(f"checkpoint {where}: {what} ({type(err).__name__}: {detail}); "
+                                          f"the file is corrupt or not written by megatron_spo")
+
+
+def _common_state(chosen: Path) -> Dict[str, Any]:
+    """The common state (rank 0's copy: step, layout, scheduler, caller state) of checkpoint ``chosen``."""
     from megatron.core import dist_checkpointing
 
-    chosen = cdir.find_resumable(path)
-    return dist_checkpointing.load_common_state_dict(str(chosen / "dist"))["common"]["caller"]
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(chosen / "dist"))["common"]
+    except Exception as err:  # noqa: BLE001 (unpickling raises many types)
+        raise _unreadable(chosen / "dist" / "common.pt", "cannot be read", err) from None
+    if not isinstance(common, dict) or "format" not in common:
+        raise cdir.UnreadableCheckpointError(f"checkpoint {chosen / 'dist' / 'common.pt'} holds no megatron_spo "
+                                             f"common state")
+    return common

@@ -9,8 +9,10 @@ a fleet of them), through the per-sample asynchronous scheduler and the agent lo
 - ``hermes``: Hermes ``<tool_call>`` JSON through the chat template (``code_interpreter`` tool).
 
 Each sample gets its reward from a :class:`~megatron_spo.rollout.reward_registry.RewardManager` as it
-finishes. A sample that fails (engine error after retries, timeout, a broken reward) is counted and
-kept with ``finish_reason "error"`` / reward 0; it never ends the phase. A prompt longer than
+finishes (in worker processes with a hard timeout for rewards named by the config; a timed-out reward
+is 0 and counted in ``rollout/reward_timeouts``, a key logged only when there were some). A sample that
+fails (engine error after retries, timeout, a broken reward) is counted and kept with
+``finish_reason "error"`` / reward 0; it never ends the phase. A prompt longer than
 ``max_prompt_len`` tokens (or than the engine's context) is bad input: a :class:`DataError` naming
 the row, or, with ``skip_bad_rows``, a counted and logged skip (``RolloutBatch.skipped``).
 
@@ -163,6 +165,8 @@ class RolloutPhase:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.reward = as_reward_manager(reward)
+        self._own_reward = self.reward is not reward  # its worker processes are closed with the phase
+        self.reward.prestart()  # a reward worker imports its module while the engine warms up
         self.max_prompt_len = max_prompt_len
         self.context_len = context_len
         self.skip_bad_rows = skip_bad_rows
@@ -258,6 +262,10 @@ class RolloutPhase:
         metrics["rollout/prompts"] = float(len(requests))
         metrics["rollout/skipped_prompts"] = float(len(skipped))
         metrics["rollout/reward_errors"] = float(self.reward.metrics["reward/errors"] - reward_before["reward/errors"])
+        timeouts = (self.reward.metrics["reward/timeouts"] - reward_before["reward/timeouts"]
+                    + sched.metrics.get("reward_timeouts", 0.0))
+        if timeouts:  # only when there were some, so a run without any logs the keys it always logged
+            metrics["rollout/reward_timeouts"] = float(timeouts)
         for name in ("retries", "timeouts", "engine_errors", "rollout_exceptions"):
             metrics[f"rollout/{name}"] = float(sched.metrics.get(name, 0.0))
         return RolloutBatch(got, metrics, skipped)
@@ -281,7 +289,10 @@ class RolloutPhase:
             self.arun(records, n, mode=mode, uid_prefix=uid_prefix, source=source, on_sample=on_sample))
 
     def close(self) -> None:
-        """Close the phase's event loop and the sandbox tool it created (not the engine: its owner closes it)."""
+        """Close the phase's event loop, the sandbox tool and the reward workers it created (not the engine:
+        its owner closes it)."""
+        if self._own_reward:
+            self.reward.close()
         if self._event_loop is not None and not self._event_loop.is_closed():
             if self._own_tool is not None:  # its HTTP session lives on this event loop
                 self._event_loop.run_until_complete(self._own_tool.aclose())

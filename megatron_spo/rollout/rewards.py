@@ -3,7 +3,7 @@
 Reward functions take the decoded response text (special tokens kept, tool text included) and the
 ground truth, and return a float. They are registered by name in ``reward_registry``.
 
-- :func:`spo_strict_boxed` is spec algorithms.md §1.12 (verl ``spo_retool.compute_score`` with
+- :func:`spo_strict_boxed` is docs/algorithms.md §1.12 (verl ``spo_retool.compute_score`` with
   ``math_dapo`` strict box verification): exactly one ``</think>``; nothing tool-ish
   (``<code>``/``<interpreter>``) after it; the last ``\\boxed{...}`` (brace matched) within the last
   100 of the last 300 characters must equal the ground truth string exactly; everything else is 0

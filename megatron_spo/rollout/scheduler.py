@@ -20,9 +20,11 @@ Per sample, in this order:
    comes from ``version_fn`` (default: ``engine.weight_version``).
 3. **Reward.** ``reward_fn(sample)`` (a :class:`~megatron_spo.rollout.reward_registry.RewardManager`
    or any function setting ``sample.reward``) runs when the sample finishes, in a small thread pool
-   with a timeout (``reward_timeout_s``): a grader that raises or hangs (sympy on a pathological
-   answer; math-verify's own SIGALRM timeout cannot work off the main thread) gives reward 0, is
-   counted, and never stalls the event loop. ``reward_timeout_s=None`` runs it inline instead.
+   with a timeout (``reward_timeout_s``): a grader that raises or outlives it gives reward 0, is
+   counted, and never stalls the event loop. ``reward_timeout_s=None`` runs it inline instead. A
+   thread cannot be stopped, and one stuck in C code holding the interpreter lock stalls the whole
+   process: the RewardManager therefore runs graders that could hang (math-verify, user functions)
+   in worker processes it kills at its own, shorter, hard timeout.
 
 Partial rollouts on a weight update are the agent loop's job: an engine that aborts in-flight
 generations (finish_reason "abort") has them resumed from the partial tokens or restarted

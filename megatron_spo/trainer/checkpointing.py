@@ -32,18 +32,28 @@ def save(run: Run) -> Path:
 
 
 def resume(run: Run) -> bool:
-    """``io.resume``: 'auto' continues from the newest complete checkpoint in the run dir, if any; a
-    path loads that checkpoint. Returns whether a checkpoint was loaded (the caller then re-syncs the
-    engines' weights)."""
+    """``io.resume``: 'auto' continues from the newest complete checkpoint in the run dir, if any (none
+    yet: a fresh start); a path (a checkpoint root or one step directory) loads that checkpoint, and
+    is an error naming it when it does not exist or holds none. Returns whether a checkpoint was
+    loaded (the caller then re-syncs the engines' weights).
+
+    Raises:
+        NoCheckpointError: an explicit ``io.resume`` path that does not exist or has no checkpoint.
+    """
+    from megatron_spo.checkpoint_dir import NoCheckpointError
     from megatron_spo.megatron.checkpoint import load_checkpoint
 
     where = run.cfg.io.resume
     if where == "none":
         return False
     path = Path(run.cfg.io.run_dir) / "checkpoints" if where == "auto" else Path(where)
+    if where != "auto" and not path.exists():  # not a fresh start: the user named a checkpoint
+        raise NoCheckpointError(f"io.resume={where!r}: {path} does not exist")
     a = run.actor
     loaded = load_checkpoint(path, a.model, a.optimizer, a.scheduler)
     if loaded is None:
+        if where != "auto":
+            raise NoCheckpointError(f"io.resume={where!r}: no checkpoint under {path}")
         return False
     state = loaded.caller_state
     run.step, run.weight_version = int(state["step"]), int(state["weight_version"])
