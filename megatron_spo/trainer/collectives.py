@@ -1,25 +1,30 @@
-"""Small object / scalar collectives the train loop needs (no-ops in a single process)."""
+"""Small object / scalar collectives the train loop needs (no-ops in a single process).
+
+They go through ``megatron_spo.megatron.group_device``, which puts tensors on the process group's
+device (CUDA under NCCL), so they work on a GPU world as on a gloo one.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
-import torch.distributed as dist
+
+from megatron_spo.megatron import group_device
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    import torch.distributed as dist
+
+    return group_device.is_distributed() and dist.get_world_size() > 1
 
 
 def gather_rows(local: Dict[int, Any]) -> Dict[int, Any]:
     """Union over all ranks of ``{batch row: value}`` dicts (ranks of one DP shard send the same rows)."""
     if not _distributed():
         return dict(local)
-    everyone: List[Dict[int, Any]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(everyone, local)
     merged: Dict[int, Any] = {}
-    for part in everyone:
+    for part in group_device.all_gather_objects(local):
         merged.update(part)
     return merged
 
@@ -35,6 +40,5 @@ def reduce_sum_max(values: Dict[str, float]) -> Dict[str, float]:
     out = {}
     for key in sorted(values):
         t = torch.tensor([values[key]], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if key.endswith("_max") else dist.ReduceOp.SUM)
-        out[key] = float(t)
+        out[key] = float(group_device.all_reduce(t, "max" if key.endswith("_max") else "sum"))
     return out

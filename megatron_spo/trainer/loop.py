@@ -8,7 +8,7 @@ shape for SPO, GRPO and any later family:
  2. rollout on the engine fleet (rank 0; family: samples per prompt, delivery, extra generations),
     rewards set as samples finish, broadcast to every rank
  3. ``[B, T]`` advantages for the whole batch (family)
- 4. old log-probs recomputed by the actor
+ 4. old log-probs recomputed by the actor (and the reference policy's, for a KL penalty)
  5. policy update over ``train.updates_per_step`` mini-batches
  6. after the update (family: SPO's ρ with the updated policy and tracker update)
  7. weight sync to the engines (streaming export), log, eval, checkpoint; stop cleanly on preemption
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 from megatron_spo.config import Config
+from megatron_spo.megatron.group_device import broadcast_objects
 from megatron_spo.rollout.sample import Sample
 from megatron_spo.trainer import collectives, train_batch
 from megatron_spo.trainer.algorithm import Draw, UpdateOutcome
@@ -43,14 +43,34 @@ def rollout(run: Run, draw: Draw) -> List[Sample]:
         batch = run.algorithm.rollout(run.phase, draw, uid_prefix=f"s{run.step}-")
         run.metrics.update(batch.metrics)
         payload = [batch.samples]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+    return broadcast_objects(payload, src=0)[0]
+
+
+def pad_for_data_parallel(samples: List[Sample], dp: int) -> List[Sample]:
+    """``samples`` plus failed placeholders up to a multiple of ``dp``: every data-parallel rank gets an
+    equal share and no sample falls off the end of the batch.
+
+    The batch is short when prompts were skipped as bad input (``data.skip_bad_rows``). A placeholder
+    is a failed sample, so it trains nothing (all-zero loss mask, advantage 0) and stays out of the
+    advantage statistics and of the tracker update; it borrows the prompt key and draw record of the
+    batch's last sample (families look those up for every sample) and its first two prompt tokens
+    (a cheap row to score).
+    """
+    short = -len(samples) % dp
+    if not samples or not short:
+        return samples
+    src = samples[-1]
+    return samples + [Sample(uid=f"{src.uid}#pad{i}", request_uid=src.request_uid, key=src.key,
+                             prompt_ids=list(src.prompt_ids[:2]), meta=dict(src.meta))
+                      .fail(f"placeholder padding the batch to a multiple of the data-parallel size {dp}")
+                      for i in range(short)]
 
 
 def update_policy(run: Run, local: Dict[str, torch.Tensor]) -> List[float]:
     """Steps 4-5: old log-probs, then one optimizer step per mini-batch. Returns |Δlogp| per update."""
     local["old_logp"] = run.actor.score(local)["logp"]
+    if run.reference is not None:  # the KL penalty's reference policy (algo.loss.kl_coef > 0)
+        local["ref_logp"] = run.reference.score(local)
     per_update = [run.actor.train_step(mb) for mb in train_batch.mini_batches(local, run.cfg.train.updates_per_step)]
     for key in per_update[0]:  # metrics are already global per update; report their mean over the step
         run.metrics[key] = sum(float(m[key]) for m in per_update) / len(per_update)
@@ -78,10 +98,14 @@ def train_step(run: Run) -> None:
     draw = run.algorithm.draw(run.metrics)
     with clock("rollout"):
         samples = rollout(run, draw)
-    batch = train_batch.collate(samples, run.tokenizer.pad_token_id)
-    batch["advantages"] = run.algorithm.advantages(draw, samples, batch, run.metrics)
     ps = run.actor.ps
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    rolled = len(samples)
+    samples = pad_for_data_parallel(samples, dp)
+    if len(samples) > rolled:
+        run.metrics["train/padding_samples"] = float(len(samples) - rolled)
+    batch = train_batch.collate(samples, run.tokenizer.pad_token_id)
+    batch["advantages"] = run.algorithm.advantages(draw, samples, batch, run.metrics)
     per = len(samples) // dp
     rows = list(range(dp_rank * per, (dp_rank + 1) * per))
     local = {k: v[rows[0]:rows[-1] + 1] for k, v in batch.items()}
@@ -93,7 +117,7 @@ def train_step(run: Run) -> None:
     run.weight_version += 1
     with clock("weight_sync"):
         sync_weights(run)
-    rewards = train_batch.rewards_of(samples)
+    rewards = train_batch.rewards_of(samples[:rolled])  # placeholders are no rollout
     run.metrics.update({"reward/mean": float(rewards.mean()), "weight_version": float(run.weight_version)})
 
 

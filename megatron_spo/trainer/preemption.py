@@ -44,16 +44,16 @@ class PreemptionFlag:
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (collective when distributed is up)."""
         import torch
-        import torch.distributed as dist
+
+        from megatron_spo.megatron import group_device
 
         if self.stop_file is not None and self.stop_file.exists() and not self.requested:
             self.requested = True
             self.signal_name = f"stop file {self.stop_file}"
             log.warning("found %s: will checkpoint and exit at the end of this step", self.stop_file)
-        if dist.is_available() and dist.is_initialized():
+        if group_device.is_distributed():  # on the group's device: an NCCL group refuses CPU tensors
             flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item())
+            return bool(group_device.all_reduce(flag, "max").item())
         return self.requested
 
     def clear_stop_file(self) -> None:
