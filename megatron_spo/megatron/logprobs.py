@@ -4,8 +4,10 @@ Two entry points share one chunk kernel:
 
 * ``chunked_logprobs_from_hidden(hidden [N, H], weight [V/tp, H], targets [N])``: fuses the output
   layer, so neither the [N, V] logits nor their log-softmax ever exist; each chunk of tokens is
-  projected, reduced and dropped, and the backward *recomputes* the chunk's logits. This is what the
-  actor uses (GPTModel's final hidden states + its output weight; see ``hidden_states_output``).
+  projected and reduced; when gradients are needed the fp32 logits of the first chunks (up to
+  ``SAVED_LOGITS_ELEMENTS``) are kept for the backward, which *recomputes* those of any further
+  chunk (bit-identical: the same matmul on the same inputs). This is what the actor uses
+  (GPTModel's final hidden states + its output weight; see ``hidden_states_output``).
 * ``chunked_logprobs_from_logits(logits [N, V/tp], targets [N])``: for callers that already hold
   logits; the [N, V] log-softmax is still never materialised (the backward writes grad_logits, the
   size of the input, one chunk at a time).
@@ -37,6 +39,11 @@ import torch.distributed as dist
 # Elements of one fp32 [chunk, V/tp] temporary: 2**25 = 128 MiB. With vocab 151,936 that is
 # ~220 tokens per chunk; with a tiny vocab the whole batch is one chunk.
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
+# Elements of fp32 logits the hidden-state function keeps from its forward for the backward
+# (2**28 = 1 GiB): within it the backward does not recompute them.
+SAVED_LOGITS_ELEMENTS = 1 << 28
 
 
 def default_chunk_tokens(local_vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -88,16 +95,29 @@ def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, l
     """
     local_vocab = logits.shape[-1]
     centred = logits.sub_(log_z.unsqueeze(-1))  # log p_j
-    p = centred.exp()
-    # -p * (g_lp + g_h * (log p + H)), built in place in `centred` then `p`
-    centred.add_(entropy.unsqueeze(-1)).mul_(g_h.unsqueeze(-1)).add_(g_lp.unsqueeze(-1))
-    grad = p.mul_(centred).neg_()
-    del centred
+    if not bool(g_h.any()):
+        # No entropy gradient (the usual case): -p * g_lp in two in-place passes. The same numbers as
+        # the general formula below, where (log p + H) * 0 + g_lp is exactly g_lp.
+        grad = centred.exp_().mul_(g_lp.neg().unsqueeze(-1))
+    else:
+        p = centred.exp()
+        # -p * (g_lp + g_h * (log p + H)), built in place in `centred` then `p`
+        centred.add_(entropy.unsqueeze(-1)).mul_(g_h.unsqueeze(-1)).add_(g_lp.unsqueeze(-1))
+        grad = p.mul_(centred).neg_()
+        del centred
     local_t = targets - vocab_start
     owned = (local_t >= 0) & (local_t < local_vocab)
     rows = owned.nonzero(as_tuple=True)[0]
     grad[rows, local_t[rows]] += g_lp[rows]
     return grad
+
+
+def _project(hidden: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[n, H] hidden, fp32 [V/tp, H] weight -> fp32 [n, V/tp] logits / temperature (a fresh tensor)."""
+    logits = hidden.float() @ w.t()
+    if temperature != 1.0:
+        logits /= temperature
+    return logits
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -109,19 +129,25 @@ class _HiddenLogprobs(torch.autograd.Function):
     """(hidden [N, H], weight [V/tp, H], targets [N]) -> (logp [N], entropy [N]); fp32 outputs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, vocab_start, group, world):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, vocab_start, group, world, keep):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
         log_z = torch.empty_like(logp)
         w = weight.float()
+        # Keep the chunks' logits for the backward (it then skips their recompute, one of the output
+        # layer's four matmuls) while they fit in the budget; later chunks are recomputed as before.
+        budget, saved = SAVED_LOGITS_ELEMENTS, []
         for sl in _chunks(n, chunk):
-            logits = hidden[sl].float() @ w.t()
-            if temperature != 1.0:
-                logits /= temperature
+            logits = _project(hidden[sl], w, temperature)
             logp[sl], entropy[sl], log_z[sl] = _chunk_stats(logits, targets[sl], vocab_start, group, world)
+            keep = keep and logits.numel() <= budget  # the kept chunks are a prefix (backward pops them)
+            if keep:
+                budget -= logits.numel()
+                saved.append(logits)
             del logits
         ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+        ctx.saved_logits = saved
         ctx.cfg = (temperature, chunk, vocab_start)
         return logp, entropy
 
@@ -135,11 +161,11 @@ class _HiddenLogprobs(torch.autograd.Function):
         w = weight.float()
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        # Saved logits are consumed in place: taken off ctx so that a second backward recomputes them.
+        saved, ctx.saved_logits = ctx.saved_logits[::-1], []
         for sl in _chunks(n, chunk):
             h = hidden[sl].float()
-            logits = h @ w.t()
-            if temperature != 1.0:
-                logits /= temperature
+            logits = saved.pop() if saved else _project(h, w, temperature)
             grad = _chunk_grad(logits, targets[sl], vocab_start, log_z[sl], entropy[sl], g_lp[sl], g_h[sl])
             del logits
             if temperature != 1.0:
@@ -147,7 +173,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             grad_hidden[sl] = grad @ w
             grad_weight.addmm_(grad.t(), h)
             del grad
-        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None)
+        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None, None)
 
 
 class _LogitsLogprobs(torch.autograd.Function):
@@ -213,7 +239,9 @@ def chunked_logprobs_from_hidden(
     local_vocab = weight.shape[0]
     start = rank * local_vocab if vocab_start is None else vocab_start
     chunk = chunk_tokens or default_chunk_tokens(local_vocab)
-    return _HiddenLogprobs.apply(hidden, weight, targets, float(temperature), chunk, start, group, world)
+    # ``keep``: a backward will follow (inside ``forward`` grad mode is always off, so decide here)
+    keep = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _HiddenLogprobs.apply(hidden, weight, targets, float(temperature), chunk, start, group, world, keep)
 
 
 def chunked_logprobs_from_logits(

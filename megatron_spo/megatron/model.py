@@ -204,13 +204,40 @@ def recompute_overrides(recompute: str, method: str = "uniform", num_layers: int
     raise ValueError(f"recompute={recompute!r}; choose 'none', 'full' or 'selective'")
 
 
-def layer_spec(config: Any, use_te: Optional[bool] = None, vp_stage: Optional[int] = None):
-    """The decoder block spec: TE when available (GPU), else the local spec with RMSNorm."""
+# Local spec: torch's fused SDPA as core attention (``attention.SDPAttention``). It changes the
+# actor's numbers at float rounding (~1e-7) against megatron's unfused attention; False restores
+# megatron's (and the numbers recorded before it).
+FUSED_LOCAL_ATTENTION = False
+
+
+def layer_spec(config: Any, use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
+               fused_attention: Optional[bool] = None):
+    """The decoder block spec: TE when available (GPU), else the local spec with RMSNorm.
+
+    On the local spec ``fused_attention`` (default ``FUSED_LOCAL_ATTENTION``) swaps megatron's
+    unfused core attention for ``attention.SDPAttention`` (same results up to float rounding).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     use_te = use_te_spec() if use_te is None else use_te
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+    fused_attention = FUSED_LOCAL_ATTENTION if fused_attention is None else fused_attention
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
+    if not use_te and fused_attention:
+        from megatron_spo.megatron.attention import SDPAttention
+
+        spec.layer_specs = [_with_core_attention(layer, SDPAttention) for layer in spec.layer_specs]
+    return spec
+
+
+def _with_core_attention(layer: Any, module: type) -> Any:
+    """A copy of a transformer-layer ``ModuleSpec`` whose self-attention uses ``module`` as core attention."""
+    import dataclasses
+
+    attn = layer.submodules.self_attention
+    attn_subs = dataclasses.replace(attn.submodules, core_attention=module)
+    subs = dataclasses.replace(layer.submodules, self_attention=dataclasses.replace(attn, submodules=attn_subs))
+    return dataclasses.replace(layer, submodules=subs)
 
 
 def build_model(

@@ -163,8 +163,10 @@ def diffs(a, b):
 
     # log-probs relative to max(1, |logp|): values near -6 differ in fp32 by a couple of ulps (~2**-20 each)
     logp = ((a["logp"] - b["logp"]).abs() / a["logp"].abs().clamp_min(1.0)).max().item()
+    # the max ratio likewise relative to max(1, ratio): at ratio ~20 one fp32 ulp is already 1.9e-6
+    ratio_max = abs(a["ratio_max"] - b["ratio_max"]) / max(1.0, abs(a["ratio_max"]))
     return {"logp": logp, "loss": abs(a["loss"] - b["loss"]),
-            "grad_norm": abs(a["grad_norm"] - b["grad_norm"]), "ratio_max": abs(a["ratio_max"] - b["ratio_max"]),
+            "grad_norm": abs(a["grad_norm"] - b["grad_norm"]), "ratio_max": ratio_max,
             "grads": tree(a["grads"], b["grads"]), "params": tree(a["params"], b["params"])}
 
 
