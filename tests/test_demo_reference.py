@@ -1,7 +1,7 @@
 """The demo's metrics equal the recorded reference (tests/reference/demo_metrics.py): SPO and GRPO, 30 steps.
 
-The references were recorded on the code before the trainer's algorithm-step refactor; see the
-script's docstring for what is compared exactly and the one tolerance.
+See the script's docstring for where the references come from, what is compared exactly and the one
+tolerance.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def recompute_overrides(recompute: str, method: str = "uniform", num_layers: int
 # Local spec: torch's fused SDPA as core attention (``attention.SDPAttention``). It changes the
 # actor's numbers at float rounding (~1e-7) against megatron's unfused attention; False restores
 # megatron's (and the numbers recorded before it).
-FUSED_LOCAL_ATTENTION = False
+FUSED_LOCAL_ATTENTION = True
 
 
 def layer_spec(config: Any, use_te: Optional[bool] = None, vp_stage: Optional[int] = None,

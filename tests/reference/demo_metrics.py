@@ -3,8 +3,14 @@
 ``python tests/reference/demo_metrics.py check`` runs ``megatron-spo demo --steps 30`` for SPO and for
 GRPO in fresh run directories and compares every non-timing metric of every logged step, bit for bit
 (floats compared by their exact value), with the JSON files beside this script. ``record`` rewrites
-those files from the current code. The references were recorded on the code before the trainer's
-algorithm-step refactor, so a pass shows that the refactor changed no number the run produces.
+those files from the current code.
+
+History of the recorded files: first recorded on the code before the trainer's algorithm-step
+refactor (commit 202a758); the refactored tree was identical to them up to commit 8301f5b (where the
+fused local attention was still switched off). They were then re-recorded once on purpose, when
+torch's fused attention became the local spec's core attention (``FUSED_LOCAL_ATTENTION`` in
+``megatron_spo/megatron/model.py``), which moves the actor's numbers at float rounding (~1e-7). Set it
+to False to compare against the pre-refactor numbers again (``git show 8301f5b:tests/reference/...``).
 
 One exception, measured on the code before the refactor: the embedded engine's log-probs depend at
 the 1e-8 level on which requests happen to share a decode batch (thread timing), so the metrics made
