@@ -96,7 +96,7 @@ class LossConfig:
     vespo_lambda_neg: float = key(2.0, "vespo: rate lambda of the soft weight for advantages < 0")
     tis_cap: Optional[float] = key(
         None, "truncated importance-sampling cap C (>= 1) for the engine / trainer log-prob mismatch; null: off")
-    kl_coef: float = key(0.0, "weight of the KL penalty against the batch's ref_logp (0: off; train batches have none)")
+    kl_coef: float = key(0.0, "weight of the KL penalty against a frozen reference policy, the initial weights (0: off)")
     kl_estimator: Literal["k1", "k3"] = key("k3", "estimator of the KL penalty (with kl_coef > 0)")
     entropy_coef: float = key(0.0, "weight of the entropy bonus (0: off)")
 
