@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from megatron_spo.config import Config
 from megatron_spo.trainer.setup import Run
 
 LOOP_KEYS = ("step", "weight_version", "stream")
@@ -31,6 +32,18 @@ def save(run: Run) -> Path:
                            caller_state=caller_state(run), keep_last=run.cfg.io.keep_last, hf_dir=run.cfg.model.path)
 
 
+def check_resume_path(cfg: Config) -> Path:
+    """Where ``io.resume`` points ('auto': the run dir's checkpoints); an explicit path that does not exist
+    is a ``NoCheckpointError`` naming it. Cheap: the loop calls it before anything is built."""
+    from megatron_spo.checkpoint_dir import NoCheckpointError
+
+    where = cfg.io.resume
+    path = Path(cfg.io.run_dir) / "checkpoints" if where == "auto" else Path(where)
+    if where not in ("auto", "none") and not path.exists():  # not a fresh start: the user named a checkpoint
+        raise NoCheckpointError(f"io.resume={where!r}: {path} does not exist")
+    return path
+
+
 def resume(run: Run) -> bool:
     """``io.resume``: 'auto' continues from the newest complete checkpoint in the run dir, if any (none
     yet: a fresh start); a path (a checkpoint root or one step directory) loads that checkpoint, and
@@ -46,9 +59,7 @@ def resume(run: Run) -> bool:
     where = run.cfg.io.resume
     if where == "none":
         return False
-    path = Path(run.cfg.io.run_dir) / "checkpoints" if where == "auto" else Path(where)
-    if where != "auto" and not path.exists():  # not a fresh start: the user named a checkpoint
-        raise NoCheckpointError(f"io.resume={where!r}: {path} does not exist")
+    path = check_resume_path(run.cfg)
     a = run.actor
     loaded = load_checkpoint(path, a.model, a.optimizer, a.scheduler)
     if loaded is None:

@@ -28,7 +28,7 @@ from megatron_spo.megatron.group_device import broadcast_objects
 from megatron_spo.rollout.sample import Sample
 from megatron_spo.trainer import collectives, train_batch
 from megatron_spo.trainer.algorithm import Draw, UpdateOutcome
-from megatron_spo.trainer.checkpointing import resume, save
+from megatron_spo.trainer.checkpointing import check_resume_path, resume, save
 from megatron_spo.trainer.metrics_log import MetricsLogger, PhaseClock, plot_metrics
 from megatron_spo.trainer.preemption import PreemptionFlag
 from megatron_spo.trainer.setup import Run, setup
@@ -124,6 +124,7 @@ def train_step(run: Run) -> None:
 def train(cfg: Config) -> int:
     """Run (or resume) the whole training. Call it under ``if __name__ == "__main__":`` in a script:
     checkpoint saving starts helper processes that re-import the main module."""
+    check_resume_path(cfg)  # a named checkpoint that is not there fails before the model is built
     run = setup(cfg)
     if resume(run):
         sync_weights(run)  # the engines start from the base weights: give them the resumed policy

@@ -151,3 +151,16 @@ def test_config_choices_are_exactly_the_registered_families():
 
     hints = typing.get_type_hints(AlgoConfig)
     assert set(typing.get_args(hints["advantage"])) == set(ALGORITHMS)
+
+
+def test_a_missing_resume_path_fails_before_anything_is_built(tmp_path, monkeypatch):
+    from megatron_spo.checkpoint_dir import NoCheckpointError
+    from megatron_spo.trainer import loop
+
+    def no_setup(cfg):
+        raise AssertionError("setup ran before the resume path was checked")
+
+    monkeypatch.setattr(loop, "setup", no_setup)
+    cfg = load_config(None, [f"io.resume={tmp_path / 'nope'}", f"io.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(NoCheckpointError, match="does not exist"):
+        loop.train(cfg)
