@@ -77,9 +77,11 @@ def _run(side: str, mode: str, tokens: int, hidden_size: int) -> dict:
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]  # smaller defaults; flags given explicitly still win
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--train-tokens", type=int, default=2048)
+    ap.add_argument("--quick", action="store_true", help="a run well under 3 minutes: 2048 / 512 tokens")
+    ap.add_argument("--tokens", type=int, default=2048 if quick else 8192)
+    ap.add_argument("--train-tokens", type=int, default=512 if quick else 2048)
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--worker", choices=["naive", "chunked"])
     ap.add_argument("--mode", choices=["score", "train"], default="score")

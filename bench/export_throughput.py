@@ -15,16 +15,19 @@ The last line is ``ratio: <export bytes/s / memcpy bytes/s>`` (target >= 0.5).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]  # smaller defaults; flags given explicitly still win
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="a run well under 3 minutes: 4 layers, 1 repeat")
+    ap.add_argument("--layers", type=int, default=4 if quick else 8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--bucket-mb", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1 if quick else 3)
     args = ap.parse_args()
 
     import torch

@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -311,8 +312,10 @@ def _fmt(x: float) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)  # smaller defaults; explicit flags still win
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=100, help="trainer steps per mode (default 100)")
+    p.add_argument("--quick", action="store_true", help="a run of about 3 minutes: 8 trainer steps per mode")
+    p.add_argument("--steps", type=int, default=8 if quick else 100, help="trainer steps per mode (default 100)")
     p.add_argument("--run-dir", default="runs/bench_p2")
     p.add_argument("--warm-steps", type=int, default=110)
     p.add_argument("--warm-lr", type=float, default=3e-3)

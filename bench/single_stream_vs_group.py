@@ -34,6 +34,7 @@ E[batch max] / E[sample], which is what group-sync loses.
 from __future__ import annotations
 
 import argparse
+import sys
 import asyncio
 import math
 import random
@@ -182,8 +183,10 @@ async def run_single_stream(loop, engine, args, drain: bool) -> Tuple[float, int
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]  # smaller defaults; flags given explicitly still win
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="a run well under 3 minutes: 4 batches")
+    ap.add_argument("--batches", type=int, default=4 if quick else 16)
     ap.add_argument("--prompts-per-batch", type=int, default=8)
     ap.add_argument("--n", type=int, default=8, help="GRPO group size")
     ap.add_argument("--p-stop", type=float, default=0.35, help="chance a turn is the last one")

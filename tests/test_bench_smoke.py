@@ -139,3 +139,9 @@ def test_packing_tiny_run(tmp_path):
     assert float(m.group(1)) == pytest.approx(res["packed"]["computed_tokens"] / res["real_tokens"], abs=1e-4)
     assert res["real_tokens"] <= res["packed"]["computed_tokens"] < res["padded"]["computed_tokens"]
     assert res["loss_abs_diff"] <= 1e-6 and res["logp_max_abs_diff"] <= 1e-5
+
+
+def test_every_benchmark_has_a_quick_mode():
+    """Each bench/*.py accepts --quick (a run of at most 3 minutes that still prints its ratio: line)."""
+    missing = [p.name for p in sorted(BENCH.glob("*.py")) if 'add_argument("--quick"' not in p.read_text()]
+    assert not missing, f"no --quick mode: {missing}"
